@@ -1,0 +1,3 @@
+from otabox.cli import main
+
+raise SystemExit(main())

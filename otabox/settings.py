@@ -1,0 +1,146 @@
+"""Server settings: one declarative table drives CLI flags, env vars, TOML keys and the README."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "OTABOX_"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+# The one table. Flag `--data-dir` = env `OTABOX_DATA_DIR` = TOML key `data_dir`.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", str, "./otabox-data", "Folder for the database, firmware files and keys."),
+    Setting("host", str, "0.0.0.0", "Address the MQTT and HTTP listeners bind to."),
+    Setting("http_port", int, 8080, "HTTP port (API, downloads, console); 0 binds a free port."),
+    Setting("mqtt_port", int, 1883, "MQTT port for devices; 0 binds a free port."),
+    Setting(
+        "public_url",
+        str,
+        "",
+        "Base URL put into firmware fileUrls; default derived from host and the bound HTTP port.",
+    ),
+    Setting("max_upload_bytes", int, 1024**3, "Largest firmware upload accepted (bytes); larger gets 413."),
+    Setting(
+        "download_token_ttl",
+        float,
+        7 * 24 * 3600.0,
+        "Seconds a firmware download token in a fileUrl stays valid.",
+    ),
+    # A CONNECT must arrive this soon after the TCP accept; amqtt waits forever.
+    # Short enough that idle sockets cannot pile up, long enough for slow links.
+    Setting("connect_timeout", float, 10.0, "Seconds a new MQTT connection has to send CONNECT."),
+    Setting("login_fail_limit", int, 10, "Failed MQTT logins per device key or address before a lockout."),
+    Setting("login_fail_window", float, 60.0, "Seconds over which failed logins are counted (and locked out)."),
+    # The scheduler tick trades push latency against idle CPU: each tick runs a few
+    # indexed queries, never a scan of the fleet.
+    Setting("scheduler_interval", float, 1.0, "Seconds between scheduler ticks (timeouts, retries, pushes)."),
+    Setting("log_level", str, "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: str = "./otabox-data"
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    mqtt_port: int = 1883
+    public_url: str = ""
+    max_upload_bytes: int = 1024**3
+    download_token_ttl: float = 7 * 24 * 3600.0
+    connect_timeout: float = 10.0
+    login_fail_limit: int = 10
+    login_fail_window: float = 60.0
+    scheduler_interval: float = 1.0
+    log_level: str = "INFO"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def replace(self, **changes: Any) -> Settings:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+class SettingsError(ValueError):
+    """A setting has an unusable value (the message names it)."""
+
+
+def _convert(setting: Setting, raw: Any, origin: str) -> Any:
+    try:
+        if setting.type is int and isinstance(raw, str):
+            return int(raw, 0)
+        return setting.type(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{origin}: {setting.name} must be {setting.type.__name__}, got {raw!r}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one `--flag` per setting (defaults stay None so precedence can be resolved)."""
+    parser.add_argument("--config", help="TOML file with settings (keys as in the settings table).")
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-")
+        parser.add_argument(flag, dest=s.name, default=None, help=f"{s.help} [default: {s.default}]")
+
+
+def load(
+    args: argparse.Namespace | None = None,
+    env: dict[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Resolve settings: flag > environment > TOML file > default. Raises SettingsError."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    path = config_path or (getattr(args, "config", None) if args else None) or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"config file {path}: {exc}") from exc
+        table = data.get("otabox", data)
+        for key, raw in table.items():
+            setting = _BY_NAME.get(key.replace("-", "_"))
+            if setting is None:
+                raise SettingsError(f"config file {path}: unknown setting {key!r}")
+            values[setting.name] = _convert(setting, raw, f"config file {path}")
+    for s in SETTINGS:
+        raw = env.get(ENV_PREFIX + s.name.upper())
+        if raw is not None and raw != "":
+            values[s.name] = _convert(s, raw, ENV_PREFIX + s.name.upper())
+    if args is not None:
+        for s in SETTINGS:
+            raw = getattr(args, s.name, None)
+            if raw is not None:
+                values[s.name] = _convert(s, raw, "--" + s.name.replace("_", "-"))
+    for port in ("http_port", "mqtt_port"):
+        if not 0 <= values[port] <= 65535:
+            raise SettingsError(f"{port} must be between 0 and 65535")
+    if values["max_upload_bytes"] <= 0:
+        raise SettingsError("max_upload_bytes must be positive")
+    return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The settings table as Markdown, as it appears in the README."""
+    lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-")
+        lines.append(f"| `{flag}` | `{ENV_PREFIX}{s.name.upper()}` | `{s.default}` | {s.help} |")
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""The embedded broker with real MQTT clients: EnOS login, ACL, presence, inform, amqtt defects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from otabox import protocol
+from tests.conftest import Server, credentials, mqtt_client, next_message, request, wait_for
+
+
+@pytest.mark.parametrize("method", ["hmacsha256", "hmacsha1", "hmacmd5"])
+async def test_login_with_each_sign_method_and_inform(server: Server, method: str) -> None:
+    dev = await server.device("d1")
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"], method=method) as c:
+        reply = await request(c, "pk1", "d1", protocol.INFORM, {"version": "1.0.3"}, msg_id="42")
+        assert reply == {"id": "42", "code": 200, "data": {}}
+        shown = await server.call("GET", "/products/pk1/devices/d1", 200)
+        assert shown["online"] is True and shown["version"] == "1.0.3"
+        listed = await server.call("GET", "/products/pk1/devices?online=true", 200)
+        assert [d["deviceKey"] for d in listed["items"]] == ["d1"]
+    shown = await wait_for(lambda: _offline(server, "d1"))
+    assert shown["lastSeen"] is not None
+
+
+async def _offline(server: Server, dk: str) -> Any:
+    d = await server.call("GET", f"/products/pk1/devices/{dk}", 200)
+    return d if not d["online"] else None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"password": "0" * 64},  # wrong signature
+        {"username": "nobody&pk1"},  # unknown device
+        {"identifier": "other|securemode=2,signmethod=hmacsha256,timestamp=1|"},  # client id of another device
+        {"identifier": "d1|securemode=2,signmethod=hmacsha512,timestamp=1|"},  # unknown sign method
+        {"username": None, "password": None},  # anonymous
+    ],
+)
+async def test_bad_logins_are_refused(server: Server, change: dict[str, Any]) -> None:
+    dev = await server.device("d1")
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    creds.update(change)
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", server.mqtt_port, timeout=5, **creds):
+            pass
+    assert (await server.call("GET", "/products/pk1/devices/d1", 200))["online"] is False
+
+
+@pytest.fixture
+def server_settings() -> dict[str, Any]:
+    return {"login_fail_limit": 3, "login_fail_window": 60.0, "connect_timeout": 0.5}
+
+
+async def test_failed_logins_lock_the_device_key_out(server: Server) -> None:
+    dev = await server.device("d1")
+    for _ in range(3):
+        with pytest.raises(aiomqtt.MqttError):
+            async with mqtt_client(server, "pk1", "d1", "wrong-secret"):
+                pass
+    # Even the right secret is refused while the lockout lasts.
+    with pytest.raises(aiomqtt.MqttError):
+        async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]):
+            pass
+
+
+async def test_plain_auth_device(server: Server) -> None:
+    await server.device("tiny", auth="plain", deviceSecret="plain-secret-1")
+    async with aiomqtt.Client(
+        "127.0.0.1", server.mqtt_port, identifier="tiny", username="tiny&pk1", password="plain-secret-1"
+    ) as c:
+        reply = await request(c, "pk1", "tiny", protocol.INFORM, {"version": "7"})
+        assert reply["code"] == 200
+
+
+async def test_acl_refuses_foreign_subscribe_and_drops_foreign_publish(server: Server) -> None:
+    a = await server.device("a")
+    await server.device("b")
+    async with mqtt_client(server, "pk1", "a", a["deviceSecret"]) as c:
+        # paho reports a refused filter as SUBACK reason code 0x80.
+        granted = await c.subscribe("/sys/pk1/b/ota/device/upgrade", qos=1)
+        assert [int(r.value) for r in granted] == [0x80]  # type: ignore[union-attr]
+        granted = await c.subscribe("#", qos=0)
+        assert [int(r.value) for r in granted] == [0x80]  # type: ignore[union-attr]
+        granted = await c.subscribe("/sys/pk1/a/#", qos=1)
+        assert [int(r.value) for r in granted] == [1]  # type: ignore[union-attr]
+        # a pretends to be b: the publish is dropped, b's version is untouched.
+        await c.publish("/sys/pk1/b/ota/device/inform", json.dumps({"id": "1", "params": {"version": "6.6.6"}}), qos=1)
+        reply = await request(c, "pk1", "a", protocol.INFORM, {"version": "1.0"})
+        assert reply["code"] == 200
+    assert (await server.call("GET", "/products/pk1/devices/b", 200))["version"] is None
+
+
+async def test_server_delivers_upgrade_topic_without_subscription(server: Server) -> None:
+    dev = await server.device("d1")
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]) as c:
+        await wait_for(lambda: _online(server))
+        assert server.app.broker is not None
+        payload = protocol.request("7", "ota.device.upgrade", {"version": "2.0"})
+        assert server.app.broker.deliver("pk1", "d1", protocol.UPGRADE, payload, qos=1)
+        msg = await next_message(c, "/ota/device/upgrade")
+        assert msg["id"] == "7" and msg["params"]["version"] == "2.0"
+    await wait_for(lambda: _offline(server, "d1"))
+    assert not server.app.broker.deliver("pk1", "d1", protocol.UPGRADE, payload)
+
+
+async def _online(server: Server) -> bool:
+    return server.app.broker is not None and server.app.broker.is_connected("pk1", "d1")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"id":"9","params":{"version":""}}',
+        b'{"id":"9","params":[]}',
+        b'{"id":"9","params":{"version":"' + b"x" * 65 + b'"}}',
+    ],
+)
+async def test_malformed_inform_gets_400_and_changes_nothing(server: Server, payload: bytes) -> None:
+    dev = await server.device("d1")
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]) as c:
+        await request(c, "pk1", "d1", protocol.INFORM, {"version": "1.0"})
+        await c.publish("/sys/pk1/d1/ota/device/inform", payload, qos=1)
+        reply = await next_message(c, "inform_reply")
+        assert reply["code"] == 400 and reply["message"]
+        # still served afterwards
+        assert (await request(c, "pk1", "d1", protocol.INFORM, {"version": "1.1"}))["code"] == 200
+    assert (await server.call("GET", "/products/pk1/devices/d1", 200))["version"] == "1.1"
+
+
+# ---------------------------------------------------------------- amqtt 0.12.1 defects
+
+
+@pytest.mark.parametrize("clean", [True, False])
+async def test_defect_a_wrong_password_cannot_touch_a_live_session(server: Server, clean: bool) -> None:
+    dev = await server.device("d1")
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"], clean_session=clean) as c:
+        await request(c, "pk1", "d1", protocol.INFORM, {"version": "1.0"})
+        creds = credentials("pk1", "d1", dev["deviceSecret"])
+        creds["password"] = "f" * 64
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", server.mqtt_port, clean_session=clean, **creds):
+                pass
+        # The live device is still connected and served.
+        assert (await request(c, "pk1", "d1", protocol.INFORM, {"version": "1.1"}, msg_id="2"))["code"] == 200
+        assert server.app.broker is not None and server.app.broker.is_connected("pk1", "d1")
+
+
+async def test_defect_b_retained_messages_do_not_cross_devices(server: Server) -> None:
+    a = await server.device("a")
+    b = await server.device("b")
+    async with mqtt_client(server, "pk1", "a", a["deviceSecret"]) as ca:
+        await ca.subscribe("/sys/pk1/a/#", qos=1)
+        await ca.publish("/sys/pk1/a/state", b"secret-of-a", qos=1, retain=True)
+        await request(ca, "pk1", "a", protocol.INFORM, {"version": "1"})
+        async with mqtt_client(server, "pk1", "b", b["deviceSecret"]) as cb:
+            await cb.publish("/sys/pk1/b/ota/device/inform", json.dumps({"id": "1", "params": {"version": "1"}}), qos=1)
+            # Retained messages are sent before the connection is served: anything of a's
+            # would arrive before this reply.
+            async with asyncio.timeout(10):
+                async for msg in cb.messages:
+                    assert not str(msg.topic).startswith("/sys/pk1/a/"), msg.payload
+                    if str(msg.topic).endswith("inform_reply"):
+                        break
+        # a itself does get its own retained message on re-subscribe.
+        await ca.subscribe("/sys/pk1/a/state", qos=1)
+        async with asyncio.timeout(10):
+            async for msg in ca.messages:
+                if str(msg.topic) == "/sys/pk1/a/state":
+                    assert msg.payload == b"secret-of-a"
+                    break
+
+
+async def test_defect_c_clean_then_persistent_session_is_persistent(server: Server) -> None:
+    dev = await server.device("d1")
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"], clean_session=True):
+        pass
+    # Reconnect at once with clean_session=0: the session must become persistent.
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"], clean_session=False) as c:
+        await c.subscribe("/sys/pk1/d1/cmd", qos=1)
+        await request(c, "pk1", "d1", protocol.INFORM, {"version": "1"})
+    broker = server.app.broker
+    assert broker is not None
+    session, _ = broker.sessions["pk1/d1"]
+    assert session.clean_session is False
+    # Let the session monitor (1 s period) run: a persistent session survives it.
+    await asyncio.sleep(1.5)
+    assert "pk1/d1" in broker.sessions
+    assert "/sys/pk1/d1/cmd" in broker.subscriptions
+
+
+async def test_defect_d_idle_socket_without_connect_is_closed(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    async with asyncio.timeout(5):  # connect_timeout is 0.5 s in this module
+        assert await reader.read() == b""
+    writer.close()
+
+
+@pytest.mark.parametrize("topic", ["$SYS/broker/x", "/sys/pk1/d1/+", "/sys/pk1/d1/#"])
+async def test_defect_e_bad_publish_topic_keeps_client_served(server: Server, topic: str) -> None:
+    dev = await server.device("d1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    # Raw packets: client libraries refuse to send a wildcard PUBLISH.
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    writer.write(_connect(creds["identifier"], creds["username"], creds["password"]))
+    assert (await reader.readexactly(4))[3] == 0
+    writer.write(_publish(topic, b"{}"))
+    writer.write(_publish("/sys/pk1/d1/ota/device/inform", b'{"id":"5","params":{"version":"3"}}'))
+    async with asyncio.timeout(5):
+        header = await reader.readexactly(2)
+        body = await reader.readexactly(header[1])
+    assert b"inform_reply" in body and b'"code":200' in body
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: _offline(server, "d1"))
+
+
+def _mqtt_str(s: str) -> bytes:
+    b = s.encode()
+    return len(b).to_bytes(2, "big") + b
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    length, n = b"", len(body)
+    while True:
+        byte, n = n % 128, n // 128
+        length += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return bytes([first]) + length + body
+
+
+def _connect(client_id: str, username: str, password: str) -> bytes:
+    var = _mqtt_str("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big")
+    return _packet(0x10, var + _mqtt_str(client_id) + _mqtt_str(username) + _mqtt_str(password))
+
+
+def _publish(topic: str, payload: bytes) -> bytes:
+    return _packet(0x30, _mqtt_str(topic) + payload)
+
+
+async def test_takeover_keeps_device_online(server: Server) -> None:
+    dev = await server.device("d1")
+    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]):
+        async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]) as second:
+            assert (await request(second, "pk1", "d1", protocol.INFORM, {"version": "2"}))["code"] == 200
+            assert (await server.call("GET", "/products/pk1/devices/d1", 200))["online"] is True
