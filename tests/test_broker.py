@@ -247,7 +247,7 @@ def _publish(topic: str, payload: bytes) -> bytes:
 
 async def test_takeover_keeps_device_online(server: Server) -> None:
     dev = await server.device("d1")
-    async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]):
-        async with mqtt_client(server, "pk1", "d1", dev["deviceSecret"]) as second:
-            assert (await request(second, "pk1", "d1", protocol.INFORM, {"version": "2"}))["code"] == 200
-            assert (await server.call("GET", "/products/pk1/devices/d1", 200))["online"] is True
+    first = mqtt_client(server, "pk1", "d1", dev["deviceSecret"])
+    async with first, mqtt_client(server, "pk1", "d1", dev["deviceSecret"]) as second:
+        assert (await request(second, "pk1", "d1", protocol.INFORM, {"version": "2"}))["code"] == 200
+        assert (await server.call("GET", "/products/pk1/devices/d1", 200))["online"] is True
