@@ -248,7 +248,8 @@ def step_labels(events: pd.DataFrame) -> pd.Series:
 
 def failures(events: pd.DataFrame) -> pd.DataFrame:
     """Return the state changes to failed/timeout (one per failed attempt), with a step_label column."""
-    state = events[(events["kind"] == "state") & events["status"].isin(FAILURE_STATUSES)]
+    # `!= "progress"` rather than `== "state"`: an export without the kind column still works.
+    state = events[(events["kind"] != "progress") & events["status"].isin(FAILURE_STATUSES)]
     return _ordered(state).assign(step_label=step_labels(state))
 
 

@@ -22,6 +22,7 @@ from otabox.artifacts import Artifacts
 from otabox.broker import OtaBroker
 from otabox.devices import DeviceService, LoginLimiter
 from otabox.keys import Keys, hash_token, new_token, write_private
+from otabox.scheduler import Scheduler
 from otabox.settings import Settings
 from otabox.store import Store
 from otabox.web import build_app
@@ -45,6 +46,7 @@ class App:
         self.artifacts: Artifacts = None  # type: ignore[assignment]
         self.broker: OtaBroker | None = None
         self.devices: DeviceService = None  # type: ignore[assignment]
+        self.scheduler: Scheduler = None  # type: ignore[assignment]
         self.admin_token_hash = ""
         self.printed_token: str | None = None
         self.http_port = 0
@@ -82,6 +84,8 @@ class App:
         await self.broker.start()
         self.devices.sender = self.broker
         self.mqtt_port = self.broker.port
+        self.scheduler = Scheduler(self.store, self.broker, self, self.settings.scheduler_interval)
+        self.devices.jobs = self.scheduler
 
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False, shutdown_timeout=5)
         await self._runner.setup()
@@ -90,6 +94,7 @@ class App:
         self.http_port = self._bound_http_port()
         self.public_url = (self.settings.public_url or self._default_public_url()).rstrip("/")
 
+        self.scheduler.start()
         write_private(
             self.data_dir / "ports.json",
             json.dumps({"http": self.http_port, "mqtt": self.mqtt_port}).encode(),
@@ -143,6 +148,8 @@ class App:
             return
         self._stopped = True
         self.ready = False
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.broker is not None:
@@ -161,13 +168,14 @@ class App:
         return f"{self.public_url}/firmware/{fw['id']}/{fw['fileName']}?token={token}"
 
     async def device_created(self, product_key: str, device_key: str) -> None:
-        """A device was registered (incremental jobs may pick it up)."""
+        """A device was registered: incremental jobs whose scope it matches pick it up."""
+        await self.scheduler.join_incremental(product_key, device_key)
 
     async def current_task(self, product_key: str, device_key: str) -> dict[str, Any] | None:
-        return None
+        return await self.store.active_task(product_key, device_key)
 
     async def active_jobs_using(self, firmware_id: str) -> list[str]:
-        return []
+        return await self.store.jobs_using_firmware(firmware_id)
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:

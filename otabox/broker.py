@@ -429,3 +429,8 @@ class OtaBroker(Broker):
     async def shutdown(self) -> None:
         self._closing = True
         await super().shutdown()
+        # Stock shutdown does not wait for connection handlers to finish; ours run hooks
+        # that write to the store, which the app closes next.
+        pending = [f for f in self._served.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
 import os
@@ -85,6 +86,14 @@ def cmd_device_import(args: argparse.Namespace, c: Client) -> None:
     path = Path(args.file)
     ctype = "application/json" if path.suffix == ".json" else "text/csv"
     result = c.request("POST", f"/products/{args.product}/devices:import", raw=path.read_bytes(), content_type=ctype)
+    if args.secrets_out:
+        # Created 0600 (and narrowed if it existed) before any secret is written to it.
+        fd = os.open(args.secrets_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["deviceKey", "deviceSecret"])
+            writer.writerows([d["deviceKey"], d["deviceSecret"]] for d in result["devices"])
     if args.json:
         _show(args, result)
         return
@@ -92,11 +101,6 @@ def cmd_device_import(args: argparse.Namespace, c: Client) -> None:
     for err in result["errors"]:
         print(f"  row {err['row']} ({err.get('deviceKey')}): {err['reason']}")
     if args.secrets_out:
-        with open(args.secrets_out, "w", encoding="utf-8") as fh:
-            fh.write("deviceKey,deviceSecret\n")
-            for d in result["devices"]:
-                fh.write(f"{d['deviceKey']},{d['deviceSecret']}\n")
-        os.chmod(args.secrets_out, 0o600)
         print(f"secrets of created devices written to {args.secrets_out}")
 
 
@@ -278,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otabox: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"otabox: cannot reach the server at {client.base.geturl()}: {exc}", file=sys.stderr)
+        if exc.filename is not None:  # a local file (firmware, import, --secrets-out), not the network
+            print(f"otabox: {exc}", file=sys.stderr)
+        else:
+            print(f"otabox: cannot reach the server at {client.base.geturl()}: {exc}", file=sys.stderr)
         return 1
     return int(result) if isinstance(result, int) else 0

@@ -87,7 +87,8 @@ class Keys:
         if not body or not sig:
             return "malformed token"
         expected = _b64(hmac.new(self._sign_key, body.encode(), hashlib.sha256).digest()[:20])
-        if not hmac.compare_digest(expected, sig):
+        # Bytes: compare_digest raises TypeError on str with non-ASCII (a 500 for any URL typo).
+        if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "replace")):
             return "bad token signature"
         try:
             claims = json.loads(_unb64(body))

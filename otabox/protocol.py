@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-# Versions are free text: 1-64 printable characters (no control characters).
-VERSION_RE = re.compile(r"^[\x20-\x7e\u00a0-\uffff]{1,64}$")
+# Used with fullmatch: `$` would also match before a trailing newline ("dk\n" is no key).
+KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Versions are free text: 1-64 printable characters (no control characters, no lone surrogates).
+VERSION_RE = re.compile(r"[\x20-\x7e\u00a0-\ud7ff\ue000-\U0010ffff]{1,64}")
 
 SIGN_METHODS = ("hmacsha256", "hmacsha1", "hmacmd5")
 
@@ -48,11 +49,11 @@ class ProtocolError(ValueError):
 
 
 def valid_key(key: object) -> bool:
-    return isinstance(key, str) and bool(KEY_RE.match(key))
+    return isinstance(key, str) and bool(KEY_RE.fullmatch(key))
 
 
 def valid_version(version: object) -> bool:
-    return isinstance(version, str) and bool(VERSION_RE.match(version)) and version.strip() != ""
+    return isinstance(version, str) and bool(VERSION_RE.fullmatch(version)) and version.strip() != ""
 
 
 # ---------------------------------------------------------------- login

@@ -18,6 +18,8 @@ from typing import Any
 
 import aiosqlite
 
+from otabox.store_jobs import MIGRATION_JOBS, JobsMixin
+
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
@@ -74,6 +76,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    MIGRATION_JOBS,
 ]
 
 
@@ -117,7 +120,7 @@ def _firmware_row(row: sqlite3.Row) -> Row:
     }
 
 
-class Store:
+class Store(JobsMixin):
     """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:

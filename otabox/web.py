@@ -179,11 +179,12 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(app: App) -> web.Application:
-    from otabox import api
+    from otabox import api, jobs_api
 
     web_app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     web_app[APP] = app
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/firmware/{id}/{file}", download)
     api.add_routes(web_app)
+    jobs_api.add_routes(web_app)
     return web_app

@@ -28,15 +28,16 @@ class Server:
     url: str
     data_dir: Path
     products: set[str] = field(default_factory=set)
+    mqtt: int | None = None  # for a server in another process (no App object here)
 
     @property
     def mqtt_port(self) -> int:
-        return self.app.mqtt_port
+        return self.mqtt if self.mqtt is not None else self.app.mqtt_port
 
     async def call(self, method: str, path: str, expect: int | None = None, **kw: Any) -> Any:
         async with self.http.request(method, self.url + "/api/v1" + path, **kw) as resp:
             body = await resp.read()
-            data = json.loads(body) if body and "json" in resp.content_type else body
+            data = json.loads(body) if body and resp.content_type == "application/json" else body
             if expect is not None:
                 assert resp.status == expect, (resp.status, data)
             return data
@@ -131,3 +132,69 @@ async def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) 
             if value:
                 return value
             await asyncio.sleep(interval)
+
+
+class Device:
+    """A scripted test device over a real MQTT connection (aiomqtt), collecting what it receives."""
+
+    def __init__(self, server: Server, pk: str, dk: str, secret: str) -> None:
+        self.server, self.pk, self.dk, self.secret = server, pk, dk, secret
+        self.client: aiomqtt.Client | None = None
+        self.inbox: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._ids = 0
+
+    def queue(self, suffix: str) -> asyncio.Queue[dict[str, Any]]:
+        return self.inbox.setdefault(suffix, asyncio.Queue())
+
+    async def connect(self, version: str | None = None, port: int | None = None) -> Device:
+        creds = credentials(self.pk, self.dk, self.secret)
+        self.client = aiomqtt.Client("127.0.0.1", port or self.server.mqtt_port, timeout=10, **creds)
+        await self.client.__aenter__()
+        self._reader = asyncio.create_task(self._read())
+        if version is not None:
+            assert (await self.call(protocol.INFORM, {"version": version}))["code"] == 200
+        return self
+
+    async def _read(self) -> None:
+        assert self.client is not None
+        try:
+            async for msg in self.client.messages:
+                suffix = str(msg.topic).removeprefix(protocol.device_prefix(self.pk, self.dk))
+                payload = msg.payload
+                assert isinstance(payload, bytes | bytearray)
+                self.queue(suffix).put_nowait(json.loads(payload))
+        except aiomqtt.MqttError:
+            pass  # the server went away (tests that stop it on purpose)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self.client is not None:
+            await self.client.__aexit__(None, None, None)
+            self.client = None
+
+    async def call(self, suffix: str, params: Any) -> dict[str, Any]:
+        assert self.client is not None
+        self._ids += 1
+        await self.client.publish(
+            protocol.topic_for(self.pk, self.dk, suffix),
+            json.dumps({"id": str(self._ids), "version": "1.0", "method": "x", "params": params}),
+            qos=1,
+        )
+        return await self.next(suffix + "_reply")
+
+    async def next(self, suffix: str, timeout: float = 10) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return await self.queue(suffix).get()
+
+    async def push(self, timeout: float = 10) -> dict[str, Any]:
+        return (await self.next(protocol.UPGRADE, timeout))["params"]
+
+    async def upgrade(self, to_version: str | None = None) -> dict[str, Any]:
+        """Take the next push, report progress and the new version."""
+        params = await self.push()
+        assert (await self.call(protocol.PROGRESS, {"step": "50", "desc": "downloading"}))["code"] == 200
+        assert (await self.call(protocol.INFORM, {"version": to_version or params["version"]}))["code"] == 200
+        return params

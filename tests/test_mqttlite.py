@@ -329,9 +329,7 @@ async def test_connect_packet_layout_and_pid_wrap() -> None:
     async with fake_broker() as (p, conns):
         c = MQTTLiteClient()
         task = asyncio.ensure_future(
-            c.connect(
-                "127.0.0.1", p, "id-é", username="u", password=b"\x00p", clean_session=False, keepalive=30
-            )
+            c.connect("127.0.0.1", p, "id-é", username="u", password=b"\x00p", clean_session=False, keepalive=30)
         )
         _, _, body = await _accept(conns)
         assert await task == 0

@@ -1,0 +1,224 @@
+"""Pure rollout decisions over plain data: windows, waves, abort, rate, retry, outcomes.
+
+No I/O here (no aiohttp, amqtt or aiosqlite): the scheduler reads the store, asks these
+functions, and acts. Times are epoch seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+ACTIVE = ("pending", "published", "upgrading")
+IN_FLIGHT = ("published", "upgrading")
+FINISHED = ("succeeded", "failed", "canceled", "timeout")
+TASK_STATES = ("pending", "published", "upgrading", "succeeded", "failed", "canceled", "timeout")
+JOB_STATES = ("scheduled", "running", "paused", "completed", "canceled", "aborted")
+JOB_DONE = ("completed", "canceled", "aborted")
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    percent: float
+    success_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    start: float | None = None
+    end: float | None = None
+    daily: tuple[int, int] | None = None  # minutes after local midnight: [from, to)
+    tz_offset_minutes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything that steers a job, parsed from the API body."""
+
+    mode: str = "push"
+    policy: str = "snapshot"
+    max_concurrency: int | None = None
+    rate_per_minute: float | None = None
+    timeout_seconds: float = 7200.0
+    retry_count: int = 0
+    retry_interval: float = 0.0
+    abort_ratio: float | None = None
+    abort_min_finished: int = 1
+    waves: tuple[Wave, ...] = ()
+    schedule: Schedule = field(default_factory=Schedule)
+
+
+# ---------------------------------------------------------------- schedule window
+
+
+def window_open(s: Schedule, now: float) -> bool:
+    """True when pushes/offers are allowed at `now`."""
+    if s.start is not None and now < s.start:
+        return False
+    if s.end is not None and now >= s.end:
+        return False
+    if s.daily is None:
+        return True
+    local = datetime.fromtimestamp(now, UTC) + timedelta(minutes=s.tz_offset_minutes)
+    minute = local.hour * 60 + local.minute
+    lo, hi = s.daily
+    if lo <= hi:
+        return lo <= minute < hi
+    return minute >= lo or minute < hi  # the window spans midnight
+
+
+def window_ended(s: Schedule, now: float) -> bool:
+    return s.end is not None and now >= s.end
+
+
+def parse_hhmm(text: str) -> int:
+    """'01:30' -> 90. Raises ValueError."""
+    hh, _, mm = text.partition(":")
+    h, m = int(hh), int(mm)
+    if not (0 <= h <= 24 and 0 <= m < 60) or (h == 24 and m):
+        raise ValueError(text)
+    return h * 60 + m
+
+
+# ---------------------------------------------------------------- waves
+
+
+def wave_sizes(n: int, waves: tuple[Wave, ...]) -> list[int]:
+    """Devices per wave for cumulative percents; the last wave takes the rest."""
+    if not waves:
+        return [n]
+    sizes, assigned = [], 0
+    for i, w in enumerate(waves):
+        upto = n if i == len(waves) - 1 else min(n, math.ceil(n * w.percent / 100.0))
+        sizes.append(max(0, upto - assigned))
+        assigned = max(assigned, upto)
+    return sizes
+
+
+def assign_waves(n: int, waves: tuple[Wave, ...]) -> list[int]:
+    """Wave number (1-based) for each of n devices in order; 0 when the job has no waves."""
+    if not waves:
+        return [0] * n
+    out: list[int] = []
+    for i, size in enumerate(wave_sizes(n, waves), start=1):
+        out.extend([i] * size)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class WaveDecision:
+    action: str  # "wait" | "advance" | "pause"
+    reason: str = ""
+
+
+def wave_decision(counts: dict[str, int], wave: Wave, number: int) -> WaveDecision:
+    """Whether the current wave is done and good enough for the next one to start."""
+    total = sum(counts.values())
+    if any(counts.get(s, 0) for s in ACTIVE):
+        return WaveDecision("wait")
+    if total == 0 or wave.success_ratio is None:
+        return WaveDecision("advance")
+    ratio = counts.get("succeeded", 0) / total
+    if ratio + 1e-9 >= wave.success_ratio:
+        return WaveDecision("advance")
+    return WaveDecision("pause", f"wave {number} below {wave.success_ratio * 100:g} % success ({ratio * 100:.1f} %)")
+
+
+# ---------------------------------------------------------------- abort, completion
+
+
+def should_abort(counts: dict[str, int], ratio: float | None, min_finished: int) -> bool:
+    """failures / finished >= ratio after at least min_finished finished tasks; timeouts are failures."""
+    if ratio is None:
+        return False
+    failures = counts.get("failed", 0) + counts.get("timeout", 0)
+    finished = failures + counts.get("succeeded", 0)
+    return finished >= max(1, min_finished) and failures / finished >= ratio
+
+
+def snapshot_done(counts: dict[str, int], retries_pending: int) -> bool:
+    return not any(counts.get(s, 0) for s in ACTIVE) and retries_pending == 0
+
+
+# ---------------------------------------------------------------- rate and concurrency
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """New pushes per minute. Starts with one second's worth so a restart cannot burst."""
+
+    rate_per_minute: float | None
+    tokens: float = 0.0
+    at: float = 0.0
+
+    def refill(self, now: float) -> None:
+        if self.rate_per_minute is None:
+            return
+        per_second = self.rate_per_minute / 60.0
+        if self.at == 0.0:
+            self.tokens, self.at = max(1.0, per_second), now
+            return
+        # Burst capacity: one second's worth (at least one push).
+        cap = max(1.0, per_second)
+        self.tokens = min(cap, self.tokens + (now - self.at) * per_second)
+        self.at = now
+
+    def available(self) -> int:
+        return 1_000_000 if self.rate_per_minute is None else int(self.tokens)
+
+    def take(self, n: int) -> None:
+        if self.rate_per_minute is not None:
+            self.tokens -= n
+
+
+def push_budget(max_concurrency: int | None, in_flight: int, tokens: int) -> int:
+    """How many new pushes/offers may go out now."""
+    room = 1_000_000 if max_concurrency is None else max(0, max_concurrency - in_flight)
+    return max(0, min(room, tokens))
+
+
+# ---------------------------------------------------------------- device reports
+
+
+def retry_at(attempt: int, retry_count: int, interval: float, now: float) -> float | None:
+    """When a device-reported failure on `attempt` (1-based) is retried, or None."""
+    if attempt <= retry_count:
+        return now + interval
+    return None
+
+
+def inform_outcome(version: str, from_version: str | None, to_version: str) -> tuple[str, str] | None:
+    """(status, desc) an inform causes for an in-flight task, or None for no change."""
+    if version == to_version:
+        return "succeeded", f"running {version}"
+    if from_version is not None and version == from_version:
+        return None
+    return "failed", f"unexpected version {version}"
+
+
+def step_label(step: int | None) -> str:
+    return {
+        -1: "upgrade failed",
+        -2: "download failed",
+        -3: "verification failed",
+        -4: "flash write failed",
+        -5: "declined",
+    }.get(step if step is not None else 0, "device-defined failure")
+
+
+def in_scope(device: dict[str, Any], scope: dict[str, Any], target_version: str) -> bool:
+    """Scope filters (all given must match); devices on the target version never are."""
+    version = device.get("version")
+    if version == target_version:
+        return False
+    versions = scope.get("versionNumbers")
+    if versions and version not in versions:
+        return False
+    keys = scope.get("deviceKeys")
+    if keys and device["deviceKey"] not in keys:
+        return False
+    tags: dict[str, list[str]] = scope.get("tags") or {}
+    dtags = device.get("tags") or {}
+    return all(dtags.get(k) in values for k, values in tags.items())
