@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -52,7 +53,9 @@ class Artifacts:
                     sha.update(chunk)
                     fh.write(chunk)
                 fh.flush()
-                os.fsync(fh.fileno())
+                # Off the event loop: syncing a large upload can take seconds, and the broker
+                # and every HTTP request share this loop.
+                await asyncio.to_thread(os.fsync, fh.fileno())
             digest = sha.hexdigest()
             final = self.path_for(digest)
             final.parent.mkdir(parents=True, exist_ok=True)

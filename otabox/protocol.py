@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -259,7 +260,8 @@ def parse_progress(params: dict[str, Any]) -> Progress:
             raise ProtocolError("step is required")
     except ValueError as exc:
         raise ProtocolError(f"step {raw!r} is not a number") from exc
-    if step_f != int(step_f) or step_f > 100:
+    # NaN and infinities ("nan", 1e400, JSON NaN) would make int() raise below: a 500, not a 400.
+    if not math.isfinite(step_f) or step_f != int(step_f) or step_f > 100:
         raise ProtocolError(f"step {raw!r} out of range (0..100, or negative for failure)")
     desc = params.get("desc")
     if desc is not None and not isinstance(desc, str):
@@ -278,7 +280,7 @@ def reply_code(payload: bytes) -> tuple[int, str | None]:
     code = data.get("code")
     try:
         code_i = int(code)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError("reply code must be a number") from exc
     message = data.get("message") or data.get("msg")
     return code_i, str(message) if message else None

@@ -118,6 +118,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status, "http-error")
         err = OtaboxError(exc.reason, code=slug)
         return web.json_response(err.to_json(), status=exc.status)
+    except ConnectionError as exc:
+        # A client that drops a download is routine (devices resume with Range).
+        log.info("client went away during %s %s: %r", request.method, request.path, exc)
+        raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(OtaboxError("internal server error"))
@@ -170,12 +174,26 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise NotFound("firmware file missing on disk")
     # The URL names immutable content, so caches may keep it; this is also why aiohttp
     # ignoring If-Range is harmless here.
-    response = web.FileResponse(path, headers={"Cache-Control": "private, max-age=31536000, immutable"})
-    await response.prepare(request)
-    if request.method == "GET" and response.status in (200, 206):
-        sent = response.content_length or 0
-        await app.store.add_download(claims[0], claims[1], firmware_id, sent)
-    return response
+    pk, dk = claims
+
+    async def sent(nbytes: int) -> None:
+        await app.store.add_download(pk, dk, firmware_id, nbytes)
+
+    return _CountedFileResponse(path, sent, headers={"Cache-Control": "private, max-age=31536000, immutable"})
+
+
+class _CountedFileResponse(web.FileResponse):
+    """FileResponse that records the bytes of each completed GET (full or Range) it served."""
+
+    def __init__(self, path: Any, on_sent: Any, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._on_sent = on_sent
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)  # sends the body (sendfile) before returning
+        if request.method == "GET" and self.status in (200, 206):
+            await self._on_sent(self.content_length or 0)
+        return writer
 
 
 def build_app(app: App) -> web.Application:

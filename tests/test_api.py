@@ -701,12 +701,6 @@ async def _raw_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t
     return status, await reader.readexactly(length)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web.py download() calls FileResponse.prepare() and then returns the response, so aiohttp"
-    " prepares it a second time: FileResponse re-opens the file, hits `assert writer is not None`,"
-    " logs 'Unhandled exception' and force-closes the keep-alive connection after every download",
-)
 async def test_download_keeps_the_connection_alive_and_logs_nothing(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -725,12 +719,6 @@ async def test_download_keeps_the_connection_alive_and_logs_nothing(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web.py error_middleware catches the ConnectionResetError of a download the client"
-    " dropped and logs it as 'unhandled error' at ERROR with a traceback; broken downloads are"
-    " routine for devices (resume is the designed answer), so this floods the log",
-)
 async def test_dropped_download_is_not_logged_as_an_error(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     await server.device("d1")
     blob = content(6 * 1024 * 1024, seed=5)
