@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import importlib
 import json
 import logging
 import os
@@ -258,13 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("device_key")
 
-    for extra in _extensions:
-        extra(sub, api, command, group)
+    for name in EXTENSIONS:
+        module = importlib.import_module(name)
+        module.register(sub, api, command, group)
     return parser
 
 
-# Other modules (jobs, export, simulate) register their commands here.
-_extensions: list[Callable[..., None]] = []
+# Modules that add subcommands: each has register(sub, api_parent, command, group).
+EXTENSIONS: list[str] = ["otabox.cli_jobs", "otabox.export"]
+EXTENSIONS.append("otabox.simulate")  # fleet simulator (engine imported only when it runs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,7 @@ class Client:
         if not body:
             return None
         ctype = resp.getheader("Content-Type", "")
-        return json.loads(body) if "json" in ctype else body.decode()
+        return json.loads(body) if ctype.split(";")[0].strip() == "application/json" else body.decode()
 
     def request(
         self,

@@ -176,6 +176,21 @@ _EVENT_INSERT = (
 )
 
 
+def _event_filter(job_id: str | None, product_key: str | None, since: float | None) -> tuple[str, list[Any]]:
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if job_id:
+        where.append("job_id = ?")
+        params.append(job_id)
+    if product_key:
+        where.append("product_key = ?")
+        params.append(product_key)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    return " AND ".join(where), params
+
+
 class JobsMixin:
     """Job, task and event SQL. Mixed into `Store`, whose connection and lock it uses."""
 
@@ -466,25 +481,20 @@ class JobsMixin:
 
     # ------------------------------------------------------------ events
 
+    async def count_events(self, job_id: str | None, product_key: str | None, since: float | None) -> int:
+        where, params = _event_filter(job_id, product_key, since)
+        row = await self._one(f"SELECT COUNT(*) AS n FROM events WHERE {where}", params)
+        return row["n"] if row else 0
+
     async def iter_events(
         self, job_id: str | None = None, product_key: str | None = None, since: float | None = None, batch: int = 5000
     ) -> AsyncIterator[Row]:
         """The upgrade log, oldest first, in batches (constant memory)."""
-        where, params = ["seq > ?"], [0]
-        if job_id:
-            where.append("job_id = ?")
-            params.append(job_id)  # type: ignore[arg-type]
-        if product_key:
-            where.append("product_key = ?")
-            params.append(product_key)  # type: ignore[arg-type]
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)  # type: ignore[arg-type]
+        where, params = _event_filter(job_id, product_key, since)
         last = 0
         while True:
-            params[0] = last
             rows = await self._all(
-                f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*params, batch)
+                f"SELECT * FROM events WHERE seq > ? AND {where} ORDER BY seq LIMIT ?", (last, *params, batch)
             )
             for r in rows:
                 yield {
