@@ -61,7 +61,7 @@ MIGRATION_JOBS = (
     );
     CREATE UNIQUE INDEX tasks_one_active ON tasks(product_key, device_key)
         WHERE status IN ('pending', 'published', 'upgrading');
-    CREATE INDEX tasks_job_status ON tasks(job_id, status, wave);
+    CREATE INDEX tasks_job_status ON tasks(job_id, status, wave, device_key);
     CREATE INDEX tasks_due ON tasks(due_at) WHERE due_at IS NOT NULL;
     CREATE INDEX tasks_retry ON tasks(retry_at) WHERE retry_at IS NOT NULL;
     CREATE TABLE events (
@@ -518,3 +518,106 @@ class JobsMixin:
             if len(rows) < batch:
                 return
             last = rows[-1]["seq"]
+
+    # ------------------------------------------------------------ web console reads
+
+    async def jobs_with_status(self, statuses: Sequence[str], limit: int, offset: int) -> tuple[list[Row], int]:
+        """Jobs in any of `statuses`, newest first, with the total."""
+        marks = ",".join("?" * len(statuses))
+        rows = await self._all(
+            f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            (*statuses, limit, offset),
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({marks})", statuses)
+        return [job_row(r) for r in rows], total["n"] if total else 0
+
+    async def wave_counts(self, job_id: str) -> dict[int, dict[str, int]]:
+        """Task counts per wave and state: {wave: {status: n}}."""
+        rows = await self._all(
+            "SELECT wave, status, COUNT(*) AS n FROM tasks WHERE job_id = ? GROUP BY wave, status", (job_id,)
+        )
+        out: dict[int, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["wave"], {})[r["status"]] = r["n"]
+        return out
+
+    async def find_tasks(
+        self, job_id: str, status: str | None, text: str, limit: int, offset: int
+    ) -> tuple[list[Row], int]:
+        """Tasks of a job whose device key contains `text` (case-insensitive), optionally in one state."""
+        where, params = ["job_id = ?"], [job_id]
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if text:
+            escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("device_key LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped}%")
+        clause = " AND ".join(where)
+        rows = await self._all(
+            f"SELECT * FROM tasks WHERE {clause} ORDER BY device_key LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM tasks WHERE {clause}", params)
+        return [task_row(r) for r in rows], total["n"] if total else 0
+
+    async def finish_histogram(self, job_id: str, start: float, bucket: float) -> list[tuple[int, str, int]]:
+        """(bucket index, status, count) of succeeded/failed/timeout events of a job, buckets of `bucket` s."""
+        rows = await self._all(
+            "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, status, COUNT(*) AS n FROM events"
+            " WHERE job_id = ? AND kind = 'state' AND status IN ('succeeded', 'failed', 'timeout')"
+            " GROUP BY b, status ORDER BY b",
+            (start, bucket, job_id),
+        )
+        return [(max(0, int(r["b"])), r["status"], r["n"]) for r in rows]
+
+    async def recent_events(
+        self,
+        limit: int,
+        *,
+        after_seq: int = 0,
+        job_id: str | None = None,
+        product_key: str | None = None,
+        device_key: str | None = None,
+        statuses: Sequence[str] = (),
+    ) -> list[Row]:
+        """The newest events (newest first) after `after_seq`, filtered; for the console's log views."""
+        where, params = ["seq > ?"], [after_seq]
+        for column, value in (("job_id", job_id), ("product_key", product_key), ("device_key", device_key)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)  # type: ignore[arg-type]
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)  # type: ignore[arg-type]
+        rows = await self._all(
+            f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*params, limit)
+        )
+        return [
+            {
+                "seq": r["seq"],
+                "ts": r["ts"],
+                "jobId": r["job_id"],
+                "jobType": r["job_type"],
+                "firmwareId": r["firmware_id"],
+                "productKey": r["product_key"],
+                "deviceKey": r["device_key"],
+                "fromVersion": r["from_version"],
+                "toVersion": r["to_version"],
+                "status": r["status"],
+                "kind": r["kind"],
+                "step": r["step"],
+                "desc": r["desc"],
+                "attempt": r["attempt"],
+                "wave": r["wave"],
+                "bytesDownloaded": r["bytes_downloaded"],
+            }
+            for r in rows
+        ]
+
+    async def last_event_seq(self, job_id: str | None = None) -> int:
+        """The highest event seq (of one job, or of all); 0 when there is none."""
+        if job_id:
+            row = await self._one("SELECT MAX(seq) AS s FROM events WHERE job_id = ?", (job_id,))
+        else:
+            row = await self._one("SELECT MAX(seq) AS s FROM events")
+        return int(row["s"]) if row and row["s"] is not None else 0
