@@ -7,7 +7,7 @@ import io
 import json
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -15,6 +15,9 @@ from otabox import protocol, rollout
 from otabox.errors import BadRequest, Conflict, NotFound
 from otabox.store_jobs import EVENT_COLUMNS
 from otabox.web import API_PREFIX, APP, iso, json_response, listing, page, parse_time, present, read_json
+
+if TYPE_CHECKING:
+    from otabox.app import App
 
 MAX_VERIFY_DEVICES = 10
 
@@ -164,8 +167,15 @@ async def _job(request: web.Request) -> dict[str, Any]:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    app = request.app[APP]
     body = await read_json(request)
+    return json_response(await start_job(request.app[APP], body), status=201)
+
+
+async def start_job(app: App, body: dict[str, Any]) -> dict[str, Any]:
+    """Validate a POST /jobs body and create the job (also used by the web console).
+
+    Returns the job view; raises BadRequest, NotFound or Conflict.
+    """
     spec = validate_job(body)
     fw_id = body.get("firmwareId")
     if not isinstance(fw_id, str):
@@ -179,7 +189,7 @@ async def create_job(request: web.Request) -> web.Response:
     name = body.get("name") or f"{jtype} {fw['name']} {fw['version']}"
     if not isinstance(name, str) or len(name) > 200:
         raise BadRequest("name must be a string of at most 200 characters")
-    devices = await app.store.scope_devices(fw["productKey"], spec["scope"], fw["version"])
+    devices, busy = await app.store.scope_devices(fw["productKey"], spec["scope"], fw["version"])
     if jtype == "verify":
         known = {d["deviceKey"] for d in devices}
         missing = [k for k in spec["scope"]["deviceKeys"] if k not in known]
@@ -203,13 +213,14 @@ async def create_job(request: web.Request) -> web.Response:
         "status": "scheduled" if scheduled else "running",
         "startedAt": None if scheduled else now,
         "currentWave": 1 if p_waves else 0,
+        "skipped": busy,
         "spec": spec,
     }
     await app.store.create_job(job, [(d["deviceKey"], d["version"], w) for d, w in zip(devices, waves, strict=True)])
     app.scheduler.kick()
     created = await app.store.get_job(job["id"])
     assert created is not None
-    return json_response(job_view(created, await app.store.job_counts(job["id"])), status=201)
+    return job_view(created, await app.store.job_counts(job["id"]))
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -228,9 +239,12 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def job_action(request: web.Request) -> web.Response:
-    app = request.app[APP]
     job = await _job(request)
-    action = request.match_info["action"]
+    return json_response(await change_job(request.app[APP], job, request.match_info["action"]))
+
+
+async def change_job(app: App, job: dict[str, Any], action: str) -> dict[str, Any]:
+    """Pause, resume or cancel a job; returns the updated job view. Raises Conflict or NotFound."""
     status, now = job["status"], time.time()
     if action == "pause":
         if status not in ("running", "scheduled"):
@@ -258,7 +272,7 @@ async def job_action(request: web.Request) -> web.Response:
     app.scheduler.kick()
     updated = await app.store.get_job(job["id"])
     assert updated is not None
-    return json_response(job_view(updated, await app.store.job_counts(job["id"])))
+    return job_view(updated, await app.store.job_counts(job["id"]))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -289,17 +303,24 @@ async def tasks_action(request: web.Request) -> web.Response:
             due_at=None,
         )
     elif request.match_info["action"] == "retry":
-        if job["status"] in ("canceled", "aborted"):
-            raise Conflict(f"cannot retry tasks of a {job['status']} job", code="bad-state")
-        n = 0
-        for dk in keys:
-            n += await app.store.retry_task(job["id"], job["productKey"], dk)
-        if n and job["status"] == "completed":
-            await app.store.set_job(job["id"], status="running", finished_at=None, status_reason="")
+        n = await retry_tasks(app, job, keys)
     else:
         raise NotFound("unknown tasks action")
     app.scheduler.kick()
     return json_response({"updated": n})
+
+
+async def retry_tasks(app: App, job: dict[str, Any], device_keys: list[str]) -> int:
+    """Operator retry of finished, unsuccessful tasks; returns how many restarted. Raises Conflict."""
+    if job["status"] in ("canceled", "aborted"):
+        raise Conflict(f"cannot retry tasks of a {job['status']} job", code="bad-state")
+    n = 0
+    for dk in device_keys:
+        n += await app.store.retry_task(job["id"], job["productKey"], dk)
+    if n and job["status"] == "completed":
+        await app.store.set_job(job["id"], status="running", finished_at=None, status_reason="")
+    app.scheduler.kick()
+    return n
 
 
 async def events(request: web.Request) -> web.StreamResponse:

@@ -318,8 +318,8 @@ class JobsMixin:
 
     # ------------------------------------------------------------ scope
 
-    async def scope_devices(self, pk: str, scope: Row, to_version: str) -> list[Row]:
-        """Devices matching a job scope that have no active task anywhere."""
+    async def scope_devices(self, pk: str, scope: Row, to_version: str) -> tuple[list[Row], int]:
+        """Devices matching a job scope that have no active task anywhere, and how many are busy."""
         where = ["d.product_key = ?", "(d.version IS NULL OR d.version != ?)"]
         params: list[Any] = [pk, to_version]
         if scope.get("versionNumbers"):
@@ -333,15 +333,19 @@ class JobsMixin:
         for k, values in (scope.get("tags") or {}).items():
             where.append(f"json_extract(d.tags, ?) IN ({','.join('?' * len(values))})")
             params.extend([f'$."{k}"', *values])
-        where.append(
-            "NOT EXISTS (SELECT 1 FROM tasks t WHERE t.product_key = d.product_key AND t.device_key = d.device_key"
+        busy = (
+            "EXISTS (SELECT 1 FROM tasks t WHERE t.product_key = d.product_key AND t.device_key = d.device_key"
             " AND t.status IN ('pending', 'published', 'upgrading'))"
         )
+        clause = " AND ".join(where)
         rows = await self._all(
-            f"SELECT d.device_key, d.version, d.tags FROM devices d WHERE {' AND '.join(where)} ORDER BY d.device_key",
+            f"SELECT d.device_key, d.version, d.tags FROM devices d WHERE {clause} AND NOT {busy}"
+            " ORDER BY d.device_key",
             params,
         )
-        return [{"deviceKey": r["device_key"], "version": r["version"], "tags": json.loads(r["tags"])} for r in rows]
+        n_busy = await self._one(f"SELECT COUNT(*) AS n FROM devices d WHERE {clause} AND {busy}", params)
+        free = [{"deviceKey": r["device_key"], "version": r["version"], "tags": json.loads(r["tags"])} for r in rows]
+        return free, n_busy["n"] if n_busy else 0
 
     # ------------------------------------------------------------ tasks
 
