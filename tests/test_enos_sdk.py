@@ -155,3 +155,67 @@ async def test_stock_sdk_with_wrong_secret_is_refused(server: Server, enos_pytho
     assert not t.named("connected") and not t.named("inform_reply")
     shown = await server.call("GET", "/products/pk1/devices/sdk-dev", 200)
     assert shown["version"] is None and shown["online"] is False
+
+
+async def _task(server: Server, job_id: str) -> dict[str, Any]:
+    items = (await server.call("GET", f"/jobs/{job_id}/tasks", 200))["items"]
+    assert len(items) == 1
+    task: dict[str, Any] = items[0]
+    return task
+
+
+async def test_stock_sdk_whole_push_upgrade(server: Server, enos_python: Path) -> None:
+    dev = await server.device("sdk-push")
+    content = bytes(range(256)) * 400
+    fw = await server.firmware("pk1", "2.0.0", content)
+    proc = await start_device(enos_python, server, "sdk-push", dev["deviceSecret"], version="1.0.0", mode="push")
+    try:
+        assert (await next_event(proc, "inform_reply"))["code"] == 200
+        job = await server.call(
+            "POST", "/jobs", 201, json={"firmwareId": fw["id"], "scope": {"versionNumbers": ["1.0.0"]}}
+        )
+        assert job["total"] == 1
+        push = await next_event(proc, "upgrade")  # the SDK never subscribed: delivered by the server
+        assert push["params"]["fileSize"] == len(content) and push["params"]["sign"] == fw["sha256"]
+        downloaded = await next_event(proc, "downloaded")
+        assert downloaded["size_ok"] and downloaded["sign_ok"]
+        assert (await next_event(proc, "done"))["version"] == "2.0.0"
+        async with asyncio.timeout(RUN_TIMEOUT):
+            await proc.wait()
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async def succeeded() -> Any:
+        t = await _task(server, job["id"])
+        return t if t["status"] == "succeeded" else None
+
+    task = await wait_for(succeeded)
+    assert task["progress"] == 100 and task["toVersion"] == "2.0.0"
+    events = (await server.call("GET", f"/events?jobId={job['id']}")).decode().splitlines()
+    statuses = [json.loads(e)["status"] for e in events]
+    assert statuses[:3] == ["pending", "published", "upgrading"] and statuses[-1] == "succeeded"
+    assert await server.app.store.downloaded_bytes("pk1", "sdk-push", fw["id"]) == len(content)
+
+
+async def test_stock_sdk_request_mode_with_getversion(server: Server, enos_python: Path) -> None:
+    dev = await server.device("sdk-req")
+    fw = await server.firmware("pk1", "3.0.0", b"\x7f" * 3000, signMethod="md5")
+    job = await server.call(
+        "POST", "/jobs", 201, json={"firmwareId": fw["id"], "mode": "request", "scope": {"deviceKeys": ["sdk-req"]}}
+    )
+    t = await run_device(enos_python, server, "sdk-req", dev["deviceSecret"], version="1.0.0", mode="request")
+    assert t.rc == 0, t.stderr[-2000:]
+    offers = t.named("offers")[0]
+    assert offers["code"] == 200 and offers["data"][0]["version"] == "3.0.0"
+    assert offers["data"][0]["signMethod"] == "md5" and offers["data"][0]["sign"] == fw["md5"]
+    assert t.named("downloaded")[0]["sign_ok"]
+    assert [e["code"] for e in t.named("progress_sent")] == [200, 200, 200]
+
+    async def succeeded() -> Any:
+        task = await _task(server, job["id"])
+        return task if task["status"] == "succeeded" else None
+
+    await wait_for(succeeded)
