@@ -236,8 +236,8 @@ def _packet(first: int, body: bytes) -> bytes:
             return bytes([first]) + length + body
 
 
-def _connect(client_id: str, username: str, password: str) -> bytes:
-    var = _mqtt_str("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big")
+def _connect(client_id: str, username: str, password: str, keepalive: int = 60) -> bytes:
+    var = _mqtt_str("MQTT") + bytes([4, 0xC2]) + keepalive.to_bytes(2, "big")
     return _packet(0x10, var + _mqtt_str(client_id) + _mqtt_str(username) + _mqtt_str(password))
 
 
@@ -251,3 +251,21 @@ async def test_takeover_keeps_device_online(server: Server) -> None:
     async with first, mqtt_client(server, "pk1", "d1", dev["deviceSecret"]) as second:
         assert (await request(second, "pk1", "d1", protocol.INFORM, {"version": "2"}))["code"] == 200
         assert (await server.call("GET", "/products/pk1/devices/d1", 200))["online"] is True
+
+
+async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(server: Server) -> None:
+    dev = await server.device("d1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=1))
+    assert (await reader.readexactly(4))[3] == 0
+    await wait_for(lambda: _online_d1(server))
+    # Silent from now on: stock amqtt would keep this half-open client "online" forever.
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    await wait_for(lambda: _offline(server, "d1"))
+    writer.close()
+
+
+async def _online_d1(server: Server) -> bool:
+    return (await server.call("GET", "/products/pk1/devices/d1", 200))["online"]  # type: ignore[no-any-return]
