@@ -9,7 +9,7 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
@@ -17,6 +17,9 @@ from otabox import protocol
 from otabox.errors import BadRequest, Conflict, NotFound, TooLarge
 from otabox.store import DuplicateError
 from otabox.web import API_PREFIX, APP, json_response, listing, page, read_json
+
+if TYPE_CHECKING:
+    from otabox.app import App
 
 DEVICE_AUTH = ("sign", "plain")
 SIGN_METHODS = ("md5", "sha256")
@@ -120,7 +123,7 @@ async def create_device(request: web.Request) -> web.Response:
         raise Conflict(f"device {dk!r} already exists in {pk!r}", code="duplicate") from exc
     device = await app.store.get_device(pk, dk)
     assert device is not None
-    await app.device_created(pk, dk)
+    await app.devices_created(pk, [dk])
     return json_response({**device, "deviceSecret": secret}, status=201)
 
 
@@ -194,8 +197,7 @@ async def import_devices(request: web.Request) -> web.Response:
         else:
             to_create.append((i, dk, secret, auth, tags))
     await app.store.create_devices(pk, [(dk, app.keys.encrypt(s), a, t) for _, dk, s, a, t in to_create])
-    for _, dk, *_rest in to_create:
-        await app.device_created(pk, dk)
+    await app.devices_created(pk, [dk for _, dk, *_rest in to_create])
     rejected.sort(key=lambda r: r["row"])
     return json_response(
         {
@@ -257,8 +259,16 @@ async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
 
 async def upload_firmware(request: web.Request) -> web.Response:
     """Multipart upload streamed to disk; md5/sha256 computed while streaming."""
-    app = request.app[APP]
     pk = await _product(request)
+    return json_response(await receive_firmware(request, pk), status=201)
+
+
+async def receive_firmware(request: web.Request, pk: str) -> dict[str, Any]:
+    """Stream a multipart firmware upload of an existing product to disk and register it.
+
+    Also used by the web console. Returns the firmware view; raises BadRequest, Conflict, TooLarge.
+    """
+    app = request.app[APP]
     limit = app.settings.max_upload_bytes
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
         raise TooLarge(f"firmware file is larger than the limit of {limit} bytes")
@@ -324,7 +334,7 @@ async def upload_firmware(request: web.Request) -> web.Response:
         if stored is not None and not await app.store.sha256_in_use(stored.sha256):
             app.artifacts.remove(stored.sha256)
         raise
-    return json_response(firmware_view(created), status=201)
+    return firmware_view(created)
 
 
 def firmware_view(fw: dict[str, Any]) -> dict[str, Any]:
@@ -350,13 +360,18 @@ async def delete_firmware(request: web.Request) -> web.Response:
     fw = await app.store.get_firmware(request.match_info["id"])
     if fw is None:
         raise NotFound(f"firmware {request.match_info['id']!r} not found")
+    await remove_firmware(app, fw)
+    return web.Response(status=204)
+
+
+async def remove_firmware(app: App, fw: dict[str, Any]) -> None:
+    """Delete a firmware and, when no other firmware shares it, its file. Raises Conflict while a job uses it."""
     users = await app.active_jobs_using(fw["id"])
     if users:
         raise Conflict(f"firmware is used by active job(s) {', '.join(users)}", code="in-use")
     await app.store.delete_firmware(fw["id"])
     if not await app.store.sha256_in_use(fw["sha256"]):
         app.artifacts.remove(fw["sha256"])
-    return web.Response(status=204)
 
 
 async def firmware_url(request: web.Request) -> web.Response:

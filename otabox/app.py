@@ -167,9 +167,12 @@ class App:
         token = self.keys.download_token(fw["id"], fw["productKey"], device_key, self.settings.download_token_ttl)
         return f"{self.public_url}/firmware/{fw['id']}/{fw['fileName']}?token={token}"
 
-    async def device_created(self, product_key: str, device_key: str) -> None:
-        """A device was registered: incremental jobs whose scope it matches pick it up."""
-        await self.scheduler.join_incremental(product_key, device_key)
+    async def devices_created(self, product_key: str, device_keys: list[str]) -> None:
+        """Devices were registered: incremental jobs whose scope they match pick them up."""
+        if not await self.scheduler.incremental_jobs(product_key):
+            return  # the common case, and one query for a whole import
+        for dk in device_keys:
+            await self.scheduler.join_incremental(product_key, dk)
 
     async def current_task(self, product_key: str, device_key: str) -> dict[str, Any] | None:
         return await self.store.active_task(product_key, device_key)

@@ -419,14 +419,20 @@ class Scheduler:
         if task is not None and task["status"] in IN_FLIGHT:
             await self._fail(task, None, message or f"device refused the upgrade (code {code})")
 
+    async def incremental_jobs(self, product_key: str) -> list[dict[str, Any]]:
+        return [
+            j
+            for j in await self.store.live_jobs()
+            if j["productKey"] == product_key and j.get("policy") == "incremental" and j["type"] == "upgrade"
+        ]
+
     async def join_incremental(self, product_key: str, device_key: str) -> None:
         """A device that newly matches an incremental job's scope joins it (last wave)."""
-        device = await self.store.get_device(product_key, device_key)
+        jobs = await self.incremental_jobs(product_key)
+        device = await self.store.get_device(product_key, device_key) if jobs else None
         if device is None:
             return
-        for job in await self.store.live_jobs():
-            if job["productKey"] != product_key or job.get("policy") != "incremental" or job["type"] != "upgrade":
-                continue
+        for job in jobs:
             if rollout.in_scope(device, job.get("scope") or {}, job["toVersion"]):
                 wave = len(job.get("waves") or ())
                 if await self.store.add_job_task(job["id"], product_key, device_key, device["version"], wave):
