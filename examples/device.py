@@ -63,17 +63,15 @@ class Slots:
         self._save({"active": slot.name, "version": version})
 
 
-async def run_once(args: argparse.Namespace, slots: Slots) -> bool:
-    """Run one "boot" of the device. Returns True when it should reboot into new firmware."""
+async def run_once(args: argparse.Namespace, slots: Slots) -> None:
+    """Run one "boot" of the device: until an upgrade asks for a reboot."""
     reboot = asyncio.Event()
     device: Device
 
     def confirm(offer: Offer) -> bool | None:
         # YOUR POLICY: False declines (the server records step -5), None defers (ask again later,
         # e.g. when the battery is charged or the machine is idle), True goes ahead.
-        if offer.version == slots.version:
-            return False
-        return True
+        return offer.version != slots.version
 
     async def on_upgrade(offer: Offer) -> None:
         # The SDK reports download progress (0..80) and, if it fails, step -2 or -3 itself.
@@ -104,7 +102,6 @@ async def run_once(args: argparse.Namespace, slots: Slots) -> bool:
         await reboot.wait()
         if args.poll:
             poller.cancel()
-    return True
 
 
 async def poll(device: Device, every: float) -> None:
@@ -120,7 +117,8 @@ async def poll(device: Device, every: float) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     slots = Slots(Path(args.slots), args.factory_version)
-    while await run_once(args, slots):
+    while True:
+        await run_once(args, slots)
         # "Reboot": a real device restarts here and boots the active slot. The next run_once
         # connects with the new version, and that version report tells the server it worked.
         log.info("rebooting into %s", slots.version)

@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiomqtt
+
+try:
+    import aiomqtt
+except ImportError:  # pragma: no cover - depends on the install
+    # Importable without it (the server binary bundles every otabox module); start() says what is missing.
+    aiomqtt = None  # type: ignore[assignment]
 
 from otabox import protocol
 from otabox.download import DownloadError, Offer, OfferError, VerifyError, to_file
@@ -208,8 +213,11 @@ class Device:
 
         Raises LoginRefused if the first login is refused, DeviceTimeout if no connection came up
         within `timeout` (the device is stopped again in both cases). Later disconnects are retried
-        forever with backoff. Calling start() on a started device raises RuntimeError.
+        forever with backoff. Calling start() on a started device raises RuntimeError; without
+        aiomqtt installed (the `device` extra), ImportError.
         """
+        if aiomqtt is None:
+            raise ImportError("otabox.device needs aiomqtt: pip install 'otabox[device]'")
         if self._runner is not None:
             raise RuntimeError("device already started")
         self._stopped.clear()

@@ -246,3 +246,32 @@ async def test_reconnects_after_the_server_drops_it_and_reports_the_version_agai
         await recorder.wait(lambda: recorder.versions("d1") == ["1.0.0", "1.1.0", "1.1.0"])
         assert device.connections == 2 and device.connected
         assert await device.report_progress(50, "still works") == 200
+
+
+async def test_a_real_push_job_upgrades_an_sdk_device(server: Server, tmp_path: Path) -> None:
+    await server.product("pk1")
+    fw = await server.firmware("pk1", "2.0.0", FIRMWARE, signMethod="md5")
+    device: Device
+
+    async def on_upgrade(offer: Offer) -> None:
+        await device.download(offer, tmp_path / "fw.bin")
+        await device.report_progress(100, "rebooting")
+        await device.report_version(offer.version)
+
+    device = await make_device(server, on_upgrade=on_upgrade)
+    async with device:
+        await wait_for(lambda: _version_is(server, "1.0.0"))
+        body = {"firmwareId": fw["id"], "type": "upgrade", "name": "sdk", "scope": {"deviceKeys": ["d1"]}}
+        job = await server.call("POST", "/jobs", 201, json=body)
+        await wait_for(lambda: _job_done(server, job["id"]))
+    tasks = await server.call("GET", f"/jobs/{job['id']}/tasks", 200)
+    assert [(t["status"], t["toVersion"]) for t in tasks["items"]] == [("succeeded", "2.0.0")]
+    assert (tmp_path / "fw.bin").read_bytes() == FIRMWARE
+
+
+async def _version_is(server: Server, version: str) -> bool:
+    return bool((await server.call("GET", "/products/pk1/devices/d1", 200))["version"] == version)
+
+
+async def _job_done(server: Server, job_id: str) -> bool:
+    return bool((await server.call("GET", f"/jobs/{job_id}", 200))["status"] == "completed")
