@@ -424,3 +424,15 @@ class Store(JobsMixin):
             (product_key, device_key, firmware_id),
         )
         return int(row["bytes"]) if row else 0
+
+    # ------------------------------------------------------------ web console reads
+
+    async def device_counts(self) -> dict[str, dict[str, int]]:
+        """Devices online and offline per product: {productKey: {"online": n, "offline": m}}."""
+        rows = await self._all("SELECT product_key, online, COUNT(*) AS n FROM devices GROUP BY product_key, online")
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["product_key"], {"online": 0, "offline": 0})["online" if r["online"] else "offline"] = r[
+                "n"
+            ]
+        return out

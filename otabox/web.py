@@ -197,7 +197,7 @@ class _CountedFileResponse(web.FileResponse):
 
 
 def build_app(app: App) -> web.Application:
-    from otabox import api, jobs_api
+    from otabox import api, console, jobs_api
 
     web_app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     web_app[APP] = app
@@ -205,4 +205,5 @@ def build_app(app: App) -> web.Application:
     web_app.router.add_get("/firmware/{id}/{file}", download)
     api.add_routes(web_app)
     jobs_api.add_routes(web_app)
+    console.setup(web_app)
     return web_app

@@ -1,0 +1,260 @@
+"""Jobs: the list (running / scheduled / finished), the live job page, its actions and device tabs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from otabox import jobs_api, rollout
+from otabox.console import charts
+from otabox.console.render import (
+    PAGE_SIZE,
+    flash,
+    fragment,
+    html,
+    is_htmx,
+    otabox,
+    page_offset,
+    render,
+    see_other,
+)
+from otabox.errors import NotFound, OtaboxError
+
+TABS = {
+    "running": ("running", "paused"),
+    "scheduled": ("scheduled",),
+    "finished": rollout.JOB_DONE,
+}
+CURVE_BUCKETS = 60
+RETRYABLE = ("failed", "timeout", "canceled")
+
+
+def plain_reason(job: dict[str, Any], counts: dict[str, int]) -> str:
+    """The job's state in one sentence an operator can act on ("paused: wave 2 below 95 % success")."""
+    status, reason = job["status"], job.get("statusReason") or ""
+    if reason:
+        return reason if reason.startswith(status) else f"{status}: {reason}"
+    in_flight = sum(counts.get(s, 0) for s in rollout.IN_FLIGHT)
+    waiting = counts.get("pending", 0)
+    total = sum(counts.values())
+    if status == "running":
+        waves = job.get("waves") or ()
+        where = f"wave {max(1, job['currentWave'])} of {len(waves)}, " if waves else ""
+        if job.get("mode") == "request" and waiting and not in_flight:
+            return f"running: {where}waiting for {waiting} device(s) to ask for the upgrade"
+        return f"running: {where}{in_flight} in flight, {waiting} waiting"
+    if status == "scheduled":
+        start = (job.get("schedule") or {}).get("start")
+        return f"scheduled: starts at {start}" if start else "scheduled"
+    if status == "completed":
+        return f"completed: {counts.get('succeeded', 0)} of {total} succeeded"
+    return status
+
+
+def full_counts(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts.get(s, 0) for s in rollout.TASK_STATES}
+
+
+async def job_or_404(request: web.Request) -> dict[str, Any]:
+    job = await otabox(request).store.get_job(request.match_info["id"])
+    if job is None:
+        raise NotFound(f"job {request.match_info['id']!r} not found")
+    return job
+
+
+# ---------------------------------------------------------------- snapshot (page and SSE)
+
+
+async def snapshot(request: web.Request, job: dict[str, Any]) -> dict[str, Any]:
+    """Everything the live parts of a job page show; rendered into fragments by `job_fragments`."""
+    app = otabox(request)
+    counts = full_counts(await app.store.job_counts(job["id"]))
+    total = sum(counts.values())
+    finished = sum(counts[s] for s in rollout.FINISHED)
+    fw = await app.store.get_firmware(job["firmwareId"])
+    waves = []
+    if job.get("waves"):
+        per_wave = await app.store.wave_counts(job["id"])
+        sizes = [sum(per_wave.get(i, {}).values()) for i in range(1, len(job["waves"]) + 1)]
+        for i, w in enumerate(job["waves"], start=1):
+            wc = full_counts(per_wave.get(i, {}))
+            n = sizes[i - 1]
+            good = wc["succeeded"]
+            waves.append(
+                {
+                    "number": i,
+                    "percent": w["percent"],
+                    "successRatio": w.get("successRatio"),
+                    "counts": wc,
+                    "total": n,
+                    "succeeded": good,
+                    "ratio": good / n if n else None,
+                    "bar": charts.stacked_bar(wc, height=16, label=f"Wave {i}"),
+                    "current": i == job["currentWave"],
+                }
+            )
+    start = job.get("startedAt") or job.get("createdAt") or time.time()
+    end = job.get("finishedAt") or time.time()
+    span = max(end - start, 1.0)
+    hist = await app.store.finish_histogram(job["id"], start, span / CURVE_BUCKETS)
+    ok, bad = charts.cumulative(hist, CURVE_BUCKETS)
+    return {
+        "job": job,
+        "counts": counts,
+        "total": total,
+        "finished": finished,
+        "percent": round(100 * finished / total) if total else 0,
+        "reason": plain_reason(job, counts),
+        "firmware": fw,
+        "waves": waves,
+        "bar": charts.stacked_bar(counts, height=28),
+        "curve": charts.completion_curve(ok, bad, total, span),
+        "failed": counts["failed"] + counts["timeout"],
+    }
+
+
+def job_fragments(request: web.Request, snap: dict[str, Any]) -> dict[str, str]:
+    """SSE event name -> HTML of that live region."""
+    return {
+        "status": fragment(request, "_job_status.html", snap),
+        "progress": fragment(request, "_job_progress.html", snap),
+        "tabs": fragment(request, "_job_tabs.html", {**snap, "tab": request.query.get("tab", "")}),
+    }
+
+
+# ---------------------------------------------------------------- pages
+
+
+async def jobs_list(request: web.Request) -> web.Response:
+    app = otabox(request)
+    tab = request.query.get("tab", "running")
+    if tab not in TABS:
+        tab = "running"
+    offset = page_offset(request)
+    jobs, total = await app.store.jobs_with_status(TABS[tab], PAGE_SIZE, offset)
+    rows = []
+    for job in jobs:
+        counts = full_counts(await app.store.job_counts(job["id"]))
+        n = sum(counts.values())
+        done = sum(counts[s] for s in rollout.FINISHED)
+        rows.append(
+            {
+                "job": job,
+                "counts": counts,
+                "total": n,
+                "percent": round(100 * done / n) if n else 0,
+                "reason": plain_reason(job, counts),
+                "bar": charts.stacked_bar(counts, height=14),
+            }
+        )
+    tab_totals = {t: (await app.store.jobs_with_status(s, 1, 0))[1] for t, s in TABS.items()}
+    return render(
+        request,
+        "jobs.html",
+        {"tab": tab, "rows": rows, "total": total, "offset": offset, "page": PAGE_SIZE, "tab_totals": tab_totals},
+    )
+
+
+async def job_page(request: web.Request) -> web.Response:
+    job = await job_or_404(request)
+    snap = await snapshot(request, job)
+    tasks = await tasks_context(request, job)
+    return render(request, "job.html", {**snap, **tasks, "frag": job_fragments(request, snap)})
+
+
+async def tasks_context(request: web.Request, job: dict[str, Any]) -> dict[str, Any]:
+    """The device table of the tab, search and page in the query (?tab=failed&q=th-0&offset=50)."""
+    tab = request.query.get("tab", "")
+    if tab not in rollout.TASK_STATES:
+        tab = ""
+    q = request.query.get("q", "").strip()[:64]
+    offset = page_offset(request)
+    items, total = await otabox(request).store.find_tasks(job["id"], tab or None, q, PAGE_SIZE, offset)
+    for t in items:
+        t["failure"] = t["status"] in ("failed", "timeout")
+    return {"job": job, "tab": tab, "q": q, "tasks": items, "tasks_total": total, "offset": offset, "page": PAGE_SIZE}
+
+
+# ---------------------------------------------------------------- actions
+
+
+def _back(request: web.Request, job_id: str) -> str:
+    nxt = request.query.get("next", "")
+    return nxt if nxt.startswith("/ui/jobs") and not nxt.startswith("//") else f"/ui/jobs/{job_id}"
+
+
+async def job_action(request: web.Request) -> web.Response:
+    """Pause or resume (htmx: answers with the new status region; else redirects back)."""
+    job = await job_or_404(request)
+    action = request.match_info["action"]
+    try:
+        updated = await jobs_api.change_job(otabox(request), job, action)
+    except OtaboxError as exc:
+        if is_htmx(request):
+            return html(fragment(request, "_error.html", {"title": "Not possible now", "message": exc.message}))
+        flash(request, exc.message)
+        return see_other(_back(request, job["id"]))
+    if is_htmx(request):
+        job = await job_or_404(request)
+        snap = await snapshot(request, job)
+        return html(fragment(request, "_job_status.html", snap))
+    flash(request, f"Job {updated['name']}: {action}d.")
+    return see_other(_back(request, job["id"]))
+
+
+async def cancel_confirm(request: web.Request) -> web.Response:
+    job = await job_or_404(request)
+    counts = full_counts(await otabox(request).store.job_counts(job["id"]))
+    active = sum(counts[s] for s in rollout.ACTIVE)
+    return render(request, "job_cancel.html", {"job": job, "active": active, "next": _back(request, job["id"])})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    job = await job_or_404(request)
+    try:
+        await jobs_api.change_job(otabox(request), job, "cancel")
+        flash(request, f"Job {job['name']} canceled.")
+    except OtaboxError as exc:
+        flash(request, exc.message)
+    return see_other(f"/ui/jobs/{job['id']}")
+
+
+async def retry(request: web.Request) -> web.Response:
+    """Retry one device (deviceKey in the form) or every failed and timed-out device of the job."""
+    app = otabox(request)
+    job = await job_or_404(request)
+    form = await request.post()
+    keys = [str(k) for k in form.getall("deviceKey", [])]
+    if not keys:
+        for status in ("failed", "timeout"):
+            offset = 0
+            while True:
+                tasks, total = await app.store.list_tasks(job["id"], status, 1000, offset)
+                keys.extend(t["deviceKey"] for t in tasks)
+                offset += len(tasks)
+                if not tasks or offset >= total:
+                    break
+    try:
+        n = await jobs_api.retry_tasks(app, job, keys) if keys else 0
+        flash(request, f"{n} device(s) will be retried." if n else "No device could be retried.")
+    except OtaboxError as exc:
+        flash(request, exc.message)
+    return see_other(f"/ui/jobs/{job['id']}" + ("?tab=pending" if keys else ""))
+
+
+async def export_events(request: web.Request) -> web.StreamResponse:
+    """CSV (or JSONL) of the upgrade log, exactly as GET /api/v1/events answers it."""
+    return await jobs_api.events(request)
+
+
+def add_routes(sub: web.Application) -> None:
+    r = sub.router
+    r.add_get("/jobs", jobs_list)
+    r.add_get("/jobs/{id}", job_page)
+    r.add_get("/jobs/{id}/cancel", cancel_confirm)
+    r.add_post("/jobs/{id}/cancel", cancel)
+    r.add_post("/jobs/{id}/retry", retry)
+    r.add_post("/jobs/{id}/{action:pause|resume}", job_action)
+    r.add_get("/events/export", export_events)

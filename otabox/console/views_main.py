@@ -1,0 +1,155 @@
+"""Dashboard, devices (table with form filters, device page) and the event log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from otabox import rollout
+from otabox.console import charts
+from otabox.console.render import PAGE_SIZE, otabox, page_offset, render
+from otabox.console.views_jobs import full_counts, plain_reason
+from otabox.errors import NotFound
+
+RECENT_FAILURES = 10
+LOG_ROWS = 100
+
+
+async def dashboard_context(request: web.Request) -> dict[str, Any]:
+    app = otabox(request)
+    jobs = []
+    for job in reversed(await app.store.live_jobs()):
+        counts = full_counts(await app.store.job_counts(job["id"]))
+        total = sum(counts.values())
+        done = sum(counts[s] for s in rollout.FINISHED)
+        jobs.append(
+            {
+                "job": job,
+                "counts": counts,
+                "total": total,
+                "percent": round(100 * done / total) if total else 0,
+                "reason": plain_reason(job, counts),
+                "bar": charts.stacked_bar(counts, height=14),
+            }
+        )
+    device_counts = await app.store.device_counts()
+    products, _ = await app.store.list_products(1000, 0)
+    fleet = [
+        {
+            "productKey": p["productKey"],
+            "name": p["name"],
+            **device_counts.get(p["productKey"], {"online": 0, "offline": 0}),
+        }
+        for p in products
+    ]
+    firmware, _ = await app.store.list_firmware(None, 1000, 0)
+    return {
+        "jobs": jobs,
+        "fleet": fleet,
+        "online": sum(f["online"] for f in fleet),
+        "offline": sum(f["offline"] for f in fleet),
+        "failures": await app.store.recent_events(RECENT_FAILURES, statuses=("failed", "timeout")),
+        "unverified": [f for f in reversed(firmware) if f["status"] != "verified"],
+    }
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return render(request, "dashboard.html", await dashboard_context(request))
+
+
+def _bool_filter(value: str) -> bool | None:
+    return {"true": True, "false": False}.get(value)
+
+
+async def devices(request: web.Request) -> web.Response:
+    app = otabox(request)
+    q = request.query
+    products, _ = await app.store.list_products(1000, 0)
+    product = q.get("product", "") or (products[0]["productKey"] if products else "")
+    version = q.get("version", "").strip()
+    tag = q.get("tag", "").strip()
+    online = q.get("online", "")
+    error = ""
+    tags: dict[str, str] = {}
+    if tag:
+        k, sep, v = tag.partition(":")
+        if not sep or not k.strip():
+            error = "Tag filter: write it as key:value, e.g. site:east."
+        else:
+            tags[k.strip()] = v.strip()
+    items: list[dict[str, Any]] = []
+    total = 0
+    offset = page_offset(request)
+    if product and not error:
+        if await app.store.get_product(product) is None:
+            raise NotFound(f"product {product!r} not found")
+        items, total = await app.store.list_devices(
+            product, version=version or None, tags=tags, online=_bool_filter(online), limit=PAGE_SIZE, offset=offset
+        )
+    ctx = {
+        "products": products,
+        "product": product,
+        "version": version,
+        "tag": tag,
+        "online": online,
+        "devices": items,
+        "total": total,
+        "offset": offset,
+        "page": PAGE_SIZE,
+        "error": error,
+    }
+    return render(request, "devices.html", ctx)
+
+
+async def device(request: web.Request) -> web.Response:
+    app = otabox(request)
+    pk, dk = request.match_info["pk"], request.match_info["dk"]
+    dev = await app.store.get_device(pk, dk)
+    if dev is None:
+        raise NotFound(f"device {dk!r} not found in {pk!r}")
+    tasks = await app.store.device_tasks(pk, dk)
+    names = {}
+    for t in tasks:
+        if t["jobId"] not in names:
+            job = await app.store.get_job(t["jobId"])
+            names[t["jobId"]] = job["name"] if job else t["jobId"]
+    events = await app.store.recent_events(LOG_ROWS, product_key=pk, device_key=dk)
+    return render(request, "device.html", {"device": dev, "tasks": tasks, "job_names": names, "events": events})
+
+
+def log_filters(request: web.Request) -> dict[str, str]:
+    q = request.query
+    status = q.get("status", "")
+    return {
+        "job": q.get("job", "").strip(),
+        "product": q.get("product", "").strip(),
+        "device": q.get("device", "").strip(),
+        "status": status if status in rollout.TASK_STATES else "",
+    }
+
+
+async def filtered_events(request: web.Request, f: dict[str, str], after: int = 0) -> list[dict[str, Any]]:
+    return await otabox(request).store.recent_events(
+        LOG_ROWS,
+        after_seq=after,
+        job_id=f["job"] or None,
+        product_key=f["product"] or None,
+        device_key=f["device"] or None,
+        statuses=(f["status"],) if f["status"] else (),
+    )
+
+
+async def event_log(request: web.Request) -> web.Response:
+    f = log_filters(request)
+    events = await filtered_events(request, f)
+    last = events[0]["seq"] if events else await otabox(request).store.last_event_seq()
+    return render(request, "events.html", {"f": f, "events": events, "last": last})
+
+
+def add_routes(sub: web.Application) -> None:
+    r = sub.router
+    r.add_get("/", dashboard)
+    r.add_get("/devices", devices)
+    r.add_get("/devices/{pk}/{dk}", device)
+    r.add_get("/events", event_log)
