@@ -11,10 +11,12 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
   subscriptions only (stock matched every client's filters, defect b, and O(filters) per
   connect); the client id is replaced by the canonical `{pk}/{dk}` so one device has one
   session whatever timestamp its client id carries.
-- `_handle_message_delivery`: a PUBLISH to a `$`, wildcard or foreign topic is dropped and
-  logged and the client is served on (stock stopped serving the client but left its
-  session "connected", defect e); device messages go to the application hooks instead of
-  the broadcast queue (which scans every subscription per message).
+- `_message_loop` (replacing `_client_message_loop` and `_handle_message_delivery`): a
+  PUBLISH to a `$`, wildcard or foreign topic is dropped and logged and the client is
+  served on (stock stopped serving the client but left its session "connected", defect e);
+  device messages go to the application hooks instead of the broadcast queue (which scans
+  every subscription per message). One task per connection instead of five: see
+  broker_session.py, which also replaces the per-session state machine and reader loop.
 - `add_subscription` / `_del_all_subscriptions` / `_del_subscription`: topic ACL and a
   per-session filter index (stock removed a session's subscriptions by scanning all).
 - `deliver`: server -> device messages go straight to the device's session in O(1);
@@ -22,6 +24,8 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
 - The message loop no longer logs `repr(self._subscriptions)` on every SUBSCRIBE.
 - Keep-alive: a client silent for 1.5 x its keep-alive is disconnected (stock's broker
   handler ignored read timeouts, so half-open connections stayed "online" forever).
+- Will messages of devices are not published (devices may only use their own topics and
+  nobody else subscribes to them); stock broadcast them.
 
 Plugins: the broker is configured with no amqtt plugins at all; authentication and ACL are
 the methods here, so nothing depends on amqtt's plugin semantics (where a topic plugin
@@ -44,11 +48,12 @@ from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.publish import PublishVariableHeader
 from amqtt.session import Session
 
 from otabox import protocol
+from otabox.broker_session import Closed, Handler
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +109,6 @@ async def _read_publish_header(
 
 
 PublishVariableHeader.from_stream = classmethod(_read_publish_header)
-
-
-class _Handler(BrokerProtocolHandler):
-    """Broker protocol handler that enforces keep-alive (stock ignores read timeouts)."""
-
-    def handle_read_timeout(self) -> None:
-        log.info("keep-alive expired for %s; closing", self.session.client_id if self.session else "?")
-        task = asyncio.ensure_future(self.handle_connection_closed())
-        _keep(task)
 
 
 _background: set[asyncio.Task[Any]] = set()
@@ -181,6 +177,8 @@ class OtaBroker(Broker):
             return False
         handler = entry[1]
         topic = protocol.topic_for(product_key, device_key, suffix)
+        if qos == 0 and isinstance(handler, Handler):
+            return handler.send_qos0(topic, payload)
         _keep(asyncio.create_task(self._publish(handler, topic, payload, qos)))
         return True
 
@@ -213,9 +211,8 @@ class OtaBroker(Broker):
         peer = writer.get_peer_info()
         address = peer[0] if peer else "?"
         try:
-            handler, incoming = await asyncio.wait_for(
-                _Handler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout
-            )
+            async with asyncio.timeout(self.connect_timeout):
+                connected = await Handler.read_connect(reader, writer, self.plugins_manager)
         except TimeoutError:
             log.warning("no CONNECT from %s within %.1fs; closing", address, self.connect_timeout)
             await writer.close()
@@ -224,6 +221,9 @@ class OtaBroker(Broker):
             log.warning("bad CONNECT from %s: %s", address, exc)
             await writer.close()
             return
+        if connected is None:
+            return  # refused by protocol rules; CONNACK already sent
+        handler, incoming = connected
 
         result = await self.hooks.authenticate(incoming.client_id, incoming.username, incoming.password, address)
         if result.refuse_code:
@@ -303,38 +303,33 @@ class OtaBroker(Broker):
         self._drop_filters(key)
         session.clear_queues()
 
-    async def _message_loop(self, session: Session, handler: BrokerProtocolHandler, pk: str, dk: str) -> None:
-        # Replaces amqtt's _client_message_loop (which logged repr() of the whole
-        # subscription table on every SUBSCRIBE and stopped serving on a bad topic).
-        disconnect = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    (disconnect, subscribe, unsubscribe, deliver), return_when=asyncio.FIRST_COMPLETED
-                )
-                if deliver in done:
-                    message = deliver.result()
-                    if message is not None:
-                        await self._device_publish(session, pk, dk, message)
-                    deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-                if subscribe in done:
-                    await self._handle_subscription(session, handler, subscribe)
-                    subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
-                if unsubscribe in done:
-                    await self._handle_unsubscription(session, handler, unsubscribe)
-                    unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-                if disconnect in done:
-                    self._ready.discard(session.client_id or "")
-                    await self._handle_disconnect(session, handler, disconnect)
-                    await self._call_hook(self.hooks.device_disconnected(pk, dk))
-                    return
-        finally:
-            for waiter in (disconnect, subscribe, unsubscribe, deliver):
-                waiter.cancel()
-            await asyncio.gather(disconnect, subscribe, unsubscribe, deliver, return_exceptions=True)
+    async def _message_loop(self, session: Session, handler: Handler, pk: str, dk: str) -> None:
+        # Replaces amqtt's _client_message_loop and its four waiter tasks per client (which
+        # also logged repr() of the whole subscription table on every SUBSCRIBE and stopped
+        # serving on a bad topic): this connection's own task works through its inbox.
+        inbox = handler.inbox
+        while True:
+            item = await inbox.get()
+            if isinstance(item, Closed):
+                self._ready.discard(session.client_id or "")
+                await self._stop_handler(handler)
+                session.transitions.disconnect()
+                if item.packet is None and session.will_flag:
+                    log.info("%s/%s dropped; its will message is not published (devices only)", pk, dk)
+                await self._call_hook(self.hooks.device_disconnected(pk, dk))
+                return
+            if isinstance(item, Subscription):
+                codes = [await self.add_subscription(topic, session) for topic in item.topics]
+                await handler.mqtt_acknowledge_subscription(item.packet_id, codes)
+                for (topic_filter, _), code in zip(item.topics, codes, strict=True):
+                    if code != SUBSCRIBE_REFUSED:
+                        await self._publish_retained_messages_for_subscription((topic_filter, code), session)
+            elif isinstance(item, UnSubscription):
+                for topic_filter in item.topics:
+                    self._del_subscription(topic_filter, session)
+                await handler.mqtt_acknowledge_unsubscription(item.packet_id)
+            else:
+                await self._device_publish(session, pk, dk, item)
 
     async def _device_publish(self, session: Session, pk: str, dk: str, message: Any) -> None:
         topic: str = message.topic or ""
@@ -353,14 +348,6 @@ class OtaBroker(Broker):
                 handler = self._get_handler(target)
                 if handler is not None:
                     _keep(asyncio.create_task(self._publish(handler, topic, data, min(qos, message.qos or 0))))
-
-    async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
-        # Not used by our loop; kept so no stock code path can stop serving a client.
-        message = wait_deliver.result()
-        ident = self._identity.get(client_session.client_id or "")
-        if message is not None and ident is not None:
-            await self._device_publish(client_session, ident[0], ident[1], message)
-        return True
 
     @staticmethod
     async def _call_hook(awaitable: Awaitable[None]) -> None:

@@ -11,10 +11,10 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -80,6 +80,29 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
+T = TypeVar("T")
+
+
+def _run_batch(conn: sqlite3.Connection, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    """On the database thread: all ops in one transaction, each in its own savepoint."""
+    out: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                out.append((True, op(conn)))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                out.append((False, exc))
+            conn.execute("RELEASE op")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return out
+
+
 class DuplicateError(Exception):
     """A unique constraint refused the write."""
 
@@ -127,6 +150,8 @@ class Store(JobsMixin):
         self.db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, *, read_only: bool = False) -> Store:
@@ -149,6 +174,8 @@ class Store(JobsMixin):
         return store
 
     async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            await self._flusher  # commit what callers are waiting for
         if self.db is not None:
             db, self.db = self.db, None  # type: ignore[assignment]
             await db.close()
@@ -168,25 +195,59 @@ class Store(JobsMixin):
             else:
                 await self.db.execute("COMMIT")
 
-    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self.transaction() as db:
+    async def batched(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `op(conn)` in the next group commit; returns its result or raises its exception.
+
+        Group commit: writes that arrive while a batch is being committed wait for the next
+        batch, which runs all of them in one transaction on the database thread (one thread
+        hop and one commit for the lot instead of three hops and a commit each). Each op
+        runs in its own SAVEPOINT, so a failing op changes nothing and fails only its caller.
+        The caller's await returns only after the commit: nothing is acknowledged early.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        result: T = await future
+        return result
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
             try:
-                cur = await db.execute(sql, params)
+                async with self._write_lock:
+                    outcomes = await self.db._execute(_run_batch, self.db._conn, [op for op, _ in batch])
+            except BaseException as exc:  # the whole batch failed (e.g. disk full): tell everyone
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            try:
+                return conn.execute(sql, params).rowcount
             except sqlite3.IntegrityError as exc:
                 raise DuplicateError(str(exc)) from exc
-            return cur.rowcount
+
+        return await self.batched(op)
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        cur = await self.db.execute(sql, params)
-        rows = await cur.fetchall()
-        await cur.close()
-        return list(rows)
+        # execute_fetchall: one hop to the database thread instead of three.
+        return list(await self.db.execute_fetchall(sql, params))
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        cur = await self.db.execute(sql, params)
-        row = await cur.fetchone()
-        await cur.close()
-        return row
+        rows = await self.db.execute_fetchall(sql, params)
+        return next(iter(rows), None)
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations in order; returns the names applied."""

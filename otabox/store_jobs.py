@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import aiosqlite
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 MIGRATION_JOBS = (
     "0002_jobs",
@@ -203,6 +204,8 @@ class JobsMixin:
         async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]: ...
 
         async def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None: ...
+
+        async def batched(self, op: Callable[[sqlite3.Connection], T]) -> T: ...
 
     # ------------------------------------------------------------ jobs
 
@@ -391,15 +394,18 @@ class JobsMixin:
         if expect:
             where += f" AND status IN ({','.join('?' * len(expect))})"
             params.extend(expect)
-        async with self.transaction() as db:
-            cur = await db.execute(f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}", params)
-            if cur.rowcount == 0:
+        update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if conn.execute(update, params).rowcount == 0:
                 return False
-            await db.execute(
+            conn.execute(
                 _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?",
                 (now, kind, job_id, pk, dk),
             )
-        return True
+            return True
+
+        return await self.batched(op)
 
     async def bulk_transition(
         self, job_id: str, from_statuses: Sequence[str], device_keys: Sequence[str] | None, **changes: Any
