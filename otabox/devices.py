@@ -77,6 +77,7 @@ class DeviceService:
         self.limiter = limiter
         self.sender: Sender | None = None
         self.jobs: JobHooks | None = None
+        self._secrets: dict[tuple[str, str], tuple[str, str]] = {}
 
     # ------------------------------------------------------------ login
 
@@ -94,13 +95,13 @@ class DeviceService:
         if self.limiter.locked(dev_key, addr_key):
             log.warning("login refused for %s from %s: too many failed logins, locked out", who, address)
             return REFUSED_NOT_AUTHORIZED
-        creds = await self.store.device_credentials(login.product_key, login.device_key)
+        creds = await self._credentials(login.product_key, login.device_key)
         ok = False
         reason = "unknown device"
         if creds is not None:
-            secret = self.keys.decrypt(creds[0])
+            secret, auth = creds
             try:
-                ok = protocol.check_password(login, password or "", secret, creds[1])
+                ok = protocol.check_password(login, password or "", secret, auth)
                 reason = "bad signature or client id"
             except protocol.ProtocolError as exc:
                 reason = str(exc)
@@ -110,6 +111,17 @@ class DeviceService:
             return REFUSED_BAD_CREDENTIALS
         self.limiter.clear(dev_key)
         return LoginResult(login.product_key, login.device_key)
+
+    async def _credentials(self, pk: str, dk: str) -> tuple[str, str] | None:
+        """(secret, auth) of a device; decrypted once, then kept (a device's secret never changes)."""
+        key = (pk, dk)
+        cached = self._secrets.get(key)
+        if cached is None:
+            row = await self.store.device_credentials(pk, dk)
+            if row is None:
+                return None
+            cached = self._secrets[key] = (self.keys.decrypt(row[0]), row[1])
+        return cached
 
     # ------------------------------------------------------------ presence
 

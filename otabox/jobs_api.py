@@ -217,7 +217,7 @@ async def start_job(app: App, body: dict[str, Any]) -> dict[str, Any]:
         "spec": spec,
     }
     await app.store.create_job(job, [(d["deviceKey"], d["version"], w) for d, w in zip(devices, waves, strict=True)])
-    app.scheduler.kick()
+    app.scheduler.jobs_changed()
     created = await app.store.get_job(job["id"])
     assert created is not None
     return job_view(created, await app.store.job_counts(job["id"]))
@@ -269,7 +269,7 @@ async def change_job(app: App, job: dict[str, Any], action: str) -> dict[str, An
         await app.store.bulk_transition(job["id"], ("failed",), None, retry_at=None)
     else:
         raise NotFound(f"unknown action {action!r}")
-    app.scheduler.kick()
+    app.scheduler.jobs_changed()
     updated = await app.store.get_job(job["id"])
     assert updated is not None
     return job_view(updated, await app.store.job_counts(job["id"]))
@@ -306,7 +306,7 @@ async def tasks_action(request: web.Request) -> web.Response:
         n = await retry_tasks(app, job, keys)
     else:
         raise NotFound("unknown tasks action")
-    app.scheduler.kick()
+    app.scheduler.jobs_changed()
     return json_response({"updated": n})
 
 
@@ -319,7 +319,7 @@ async def retry_tasks(app: App, job: dict[str, Any], device_keys: list[str]) -> 
         n += await app.store.retry_task(job["id"], job["productKey"], dk)
     if n and job["status"] == "completed":
         await app.store.set_job(job["id"], status="running", finished_at=None, status_reason="")
-    app.scheduler.kick()
+    app.scheduler.jobs_changed()
     return n
 
 

@@ -69,6 +69,7 @@ class Scheduler:
         self._firmware: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(int(time.time() * 1000) % 10**9)
         self.ticks = 0
+        self._live: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -85,8 +86,22 @@ class Scheduler:
             self._task = None
 
     def kick(self) -> None:
-        """Run a tick soon (a device connected, a job changed)."""
+        """Run a tick soon (a device connected, a task finished)."""
         self._wake.set()
+
+    def jobs_changed(self) -> None:
+        """A job was created or changed outside the scheduler: forget the cached list, tick soon."""
+        self._live = None
+        self.kick()
+
+    async def live(self) -> list[dict[str, Any]]:
+        """Live jobs (scheduled, running, paused), cached between ticks for the device hot paths.
+
+        With none, no task can be active: connect and inform then cost no query at all.
+        """
+        if self._live is None:
+            self._live = await self.store.live_jobs()
+        return self._live
 
     async def _run(self) -> None:
         while True:
@@ -127,8 +142,10 @@ class Scheduler:
                 desc=f"retry (attempt {task['attempt'] + 1})",
                 finished_at=None,
             )
-        for job in await self.store.live_jobs():
+        self._live = None
+        for job in await self.live():
             await self._drive(job, now)
+        self._live = None  # statuses may have changed while driving
 
     async def _drive(self, job: dict[str, Any], now: float) -> None:
         p = policy_of(job)
@@ -311,6 +328,8 @@ class Scheduler:
     # ------------------------------------------------------------ devices.JobHooks
 
     async def on_connected(self, product_key: str, device_key: str) -> None:
+        if not await self.live():
+            return
         task = await self.store.active_task(product_key, device_key)
         if task is not None and task["status"] == "published":
             job = await self.store.get_job(task["jobId"])
@@ -320,6 +339,8 @@ class Scheduler:
         self.kick()
 
     async def on_inform(self, product_key: str, device_key: str, version: str) -> None:
+        if not await self.live():
+            return
         task = await self.store.active_task(product_key, device_key)
         if task is None:
             await self.join_incremental(product_key, device_key)
@@ -422,7 +443,7 @@ class Scheduler:
     async def incremental_jobs(self, product_key: str) -> list[dict[str, Any]]:
         return [
             j
-            for j in await self.store.live_jobs()
+            for j in await self.live()
             if j["productKey"] == product_key and j.get("policy") == "incremental" and j["type"] == "upgrade"
         ]
 
