@@ -55,14 +55,22 @@ def _show(args: argparse.Namespace, data: Any, columns: Sequence[str] | None = N
         print(data)
 
 
-def _tags(values: list[str] | None) -> dict[str, str]:
+def parse_tags(values: Sequence[str] | None) -> dict[str, str]:
+    """`["site=east", ...]` -> `{"site": "east"}`. Raises ValueError for an item without `=`."""
     tags = {}
     for item in values or []:
         k, sep, v = item.partition("=")
         if not sep:
-            raise SystemExit(f"tag must be key=value, got {item!r}")
+            raise ValueError(f"tag must be key=value, got {item!r}")
         tags[k] = v
     return tags
+
+
+def _tags(values: Sequence[str] | None) -> dict[str, str]:
+    try:
+        return parse_tags(values)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 # ---------------------------------------------------------------- commands

@@ -295,13 +295,9 @@ def create_devices(
 
 
 def _tags(values: Sequence[str] | None) -> dict[str, str]:
-    tags = {}
-    for item in values or []:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ValueError(f"tag must be key=value, got {item!r}")
-        tags[k] = v
-    return tags
+    from otabox.cli import parse_tags
+
+    return parse_tags(values)
 
 
 def _mqtt_port(client: Client) -> int:

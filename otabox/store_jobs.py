@@ -147,6 +147,27 @@ def task_row(row: sqlite3.Row) -> Row:
     }
 
 
+def event_row(r: sqlite3.Row) -> Row:
+    return {
+        "seq": r["seq"],
+        "ts": r["ts"],
+        "jobId": r["job_id"],
+        "jobType": r["job_type"],
+        "firmwareId": r["firmware_id"],
+        "productKey": r["product_key"],
+        "deviceKey": r["device_key"],
+        "fromVersion": r["from_version"],
+        "toVersion": r["to_version"],
+        "status": r["status"],
+        "kind": r["kind"],
+        "step": r["step"],
+        "desc": r["desc"],
+        "attempt": r["attempt"],
+        "wave": r["wave"],
+        "bytesDownloaded": r["bytes_downloaded"],
+    }
+
+
 EVENT_COLUMNS = (
     "seq",
     "ts",
@@ -507,24 +528,7 @@ class JobsMixin:
                 f"SELECT * FROM events WHERE seq > ? AND {where} ORDER BY seq LIMIT ?", (last, *params, batch)
             )
             for r in rows:
-                yield {
-                    "seq": r["seq"],
-                    "ts": r["ts"],
-                    "jobId": r["job_id"],
-                    "jobType": r["job_type"],
-                    "firmwareId": r["firmware_id"],
-                    "productKey": r["product_key"],
-                    "deviceKey": r["device_key"],
-                    "fromVersion": r["from_version"],
-                    "toVersion": r["to_version"],
-                    "status": r["status"],
-                    "kind": r["kind"],
-                    "step": r["step"],
-                    "desc": r["desc"],
-                    "attempt": r["attempt"],
-                    "wave": r["wave"],
-                    "bytesDownloaded": r["bytes_downloaded"],
-                }
+                yield event_row(r)
             if len(rows) < batch:
                 return
             last = rows[-1]["seq"]
@@ -602,27 +606,7 @@ class JobsMixin:
         rows = await self._all(
             f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*params, limit)
         )
-        return [
-            {
-                "seq": r["seq"],
-                "ts": r["ts"],
-                "jobId": r["job_id"],
-                "jobType": r["job_type"],
-                "firmwareId": r["firmware_id"],
-                "productKey": r["product_key"],
-                "deviceKey": r["device_key"],
-                "fromVersion": r["from_version"],
-                "toVersion": r["to_version"],
-                "status": r["status"],
-                "kind": r["kind"],
-                "step": r["step"],
-                "desc": r["desc"],
-                "attempt": r["attempt"],
-                "wave": r["wave"],
-                "bytesDownloaded": r["bytes_downloaded"],
-            }
-            for r in rows
-        ]
+        return [event_row(r) for r in rows]
 
     async def last_event_seq(self, job_id: str | None = None) -> int:
         """The highest event seq (of one job, or of all); 0 when there is none."""
