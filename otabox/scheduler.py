@@ -228,22 +228,13 @@ class Scheduler:
                 return
             tasks = await self.store.pushable_tasks(job["id"], wave, min(budget, 1000))
             fw = await self._fw(job["firmwareId"])
-            for task in tasks:
-                ok = await self.store.transition(
-                    job["id"],
-                    task["productKey"],
-                    task["deviceKey"],
-                    expect=("pending",),
-                    status="published",
-                    published_at=now,
-                    due_at=now + p.timeout_seconds,
-                    progress=None,
-                    step=None,
-                    desc=None,
-                )
-                if ok:
-                    bucket.take(1)
-                    self._send_upgrade(job, fw, task["productKey"], task["deviceKey"])
+            # One transaction for the whole batch; only tasks still pending are published.
+            published = await self.store.publish_tasks(
+                job["id"], job["productKey"], [t["deviceKey"] for t in tasks], now, now + p.timeout_seconds
+            )
+            bucket.take(len(published))
+            for dk in published:
+                self._send_upgrade(job, fw, job["productKey"], dk)
         if len(tasks) == budget:
             self.kick()  # more may be pushable right away (rate and concurrency permitting)
 

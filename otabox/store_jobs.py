@@ -428,6 +428,25 @@ class JobsMixin:
 
         return await self.batched(op)
 
+    async def publish_tasks(self, job_id: str, pk: str, device_keys: list[str], now: float, due: float) -> list[str]:
+        """Move pending tasks to published in one transaction (with their events); the keys moved."""
+        update = (
+            "UPDATE tasks SET status = 'published', published_at = ?, due_at = ?, progress = NULL, step = NULL,"
+            " desc = NULL, updated_at = ?"
+            " WHERE job_id = ? AND product_key = ? AND device_key = ? AND status = 'pending'"
+        )
+        event = _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?"
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            moved = []
+            for dk in device_keys:
+                if conn.execute(update, (now, due, now, job_id, pk, dk)).rowcount:
+                    conn.execute(event, (now, "state", job_id, pk, dk))
+                    moved.append(dk)
+            return moved
+
+        return await self.batched(op)
+
     async def bulk_transition(
         self, job_id: str, from_statuses: Sequence[str], device_keys: Sequence[str] | None, **changes: Any
     ) -> int:
