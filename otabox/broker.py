@@ -39,12 +39,13 @@ import logging
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.codecs_amqtt import decode_packet_id, decode_string, read_or_raise
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
@@ -58,6 +59,8 @@ from otabox.broker_session import Closed, Handler
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_REFUSED = 0x80
+# Pending connections the kernel queues for us (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,22 @@ class OtaBroker(Broker):
         self._served: dict[str, asyncio.Future[None]] = {}  # session key -> end of its connection
         self._closing = False
         self._ready: set[str] = set()  # session keys whose connection is fully served
+
+    async def _create_server_instance(
+        self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
+    ) -> Any:
+        # Replaces the stock TCP listener, which used asyncio's default backlog of 100: in a
+        # connect storm the kernel dropped SYNs and clients waited 1-3 s for retransmits.
+        if listener_type == ListenerType.TCP:
+            return await asyncio.start_server(
+                partial(self.stream_connected, listener_name=listener_name),
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=LISTEN_BACKLOG,
+            )
+        return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
 
     @property
     def port(self) -> int:

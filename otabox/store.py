@@ -329,15 +329,18 @@ class Store(JobsMixin):
         """Insert (deviceKey, secret_enc, auth, tags) rows in one transaction. Raises DuplicateError."""
         now = time.time()
         rows = [(product_key, dk, enc, auth, json.dumps(tags, sort_keys=True), now) for dk, enc, auth, tags in devices]
-        async with self.transaction() as db:
+
+        def op(db: sqlite3.Connection) -> None:
             try:
-                await db.executemany(
+                db.executemany(
                     "INSERT INTO devices (product_key, device_key, secret_enc, auth, tags, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:
                 raise DuplicateError(str(exc)) from exc
+
+        await self.batched(op)
 
     async def existing_device_keys(self, product_key: str, device_keys: Sequence[str]) -> set[str]:
         found: set[str] = set()

@@ -198,6 +198,24 @@ _EVENT_INSERT = (
 )
 
 
+def _insert_tasks(
+    db: sqlite3.Connection,
+    job_id: str,
+    pk: str,
+    to_version: str,
+    tasks: Sequence[tuple[str, str | None, int]],
+    now: float,
+) -> None:
+    db.executemany(
+        "INSERT INTO tasks (job_id, product_key, device_key, status, wave, from_version, to_version,"
+        " attempt, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, 1, ?)",
+        [(job_id, pk, dk, wave, fv, to_version, now) for dk, fv, wave in tasks],
+    )
+    db.execute(
+        _EVENT_INSERT + " WHERE t.job_id = ? AND t.status = 'pending' AND t.updated_at = ?", (now, "state", job_id, now)
+    )
+
+
 def _event_filter(job_id: str | None, product_key: str | None, since: float | None) -> tuple[str, list[Any]]:
     where: list[str] = ["1 = 1"]
     params: list[Any] = []
@@ -233,8 +251,9 @@ class JobsMixin:
     async def create_job(self, job: Row, tasks: Sequence[tuple[str, str | None, int]]) -> None:
         """Insert a job and its pending tasks (deviceKey, fromVersion, wave) with their events."""
         now = time.time()
-        async with self.transaction() as db:
-            await db.execute(
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO jobs (id, name, type, firmware_id, product_key, to_version, status, status_reason,"
                 " spec, current_wave, skipped, created_at, started_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -255,20 +274,9 @@ class JobsMixin:
                     now,
                 ),
             )
-            await self._insert_tasks(db, job["id"], job["productKey"], job["toVersion"], tasks, now)
+            _insert_tasks(db, job["id"], job["productKey"], job["toVersion"], tasks, now)
 
-    async def _insert_tasks(
-        self, db: Any, job_id: str, pk: str, to_version: str, tasks: Sequence[tuple[str, str | None, int]], now: float
-    ) -> None:
-        await db.executemany(
-            "INSERT INTO tasks (job_id, product_key, device_key, status, wave, from_version, to_version,"
-            " attempt, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, 1, ?)",
-            [(job_id, pk, dk, wave, fv, to_version, now) for dk, fv, wave in tasks],
-        )
-        await db.execute(
-            _EVENT_INSERT + " WHERE t.job_id = ? AND t.status = 'pending' AND t.updated_at = ?",
-            (now, "state", job_id, now),
-        )
+        await self.batched(op)
 
     async def add_job_task(self, job_id: str, pk: str, dk: str, from_version: str | None, wave: int) -> bool:
         """Add one device to a running incremental job; False when it already has an active task."""
@@ -277,8 +285,9 @@ class JobsMixin:
             return False
         now = time.time()
         try:
-            async with self.transaction() as db:
-                await self._insert_tasks(db, job_id, pk, job["toVersion"], [(dk, from_version, wave)], now)
+            await self.batched(
+                lambda db: _insert_tasks(db, job_id, pk, job["toVersion"], [(dk, from_version, wave)], now)
+            )
         except sqlite3.IntegrityError:
             return False
         return True
@@ -459,16 +468,15 @@ class JobsMixin:
             where += f" AND device_key IN ({','.join('?' * len(device_keys))})"
             params.extend(device_keys)
         sets = ", ".join(f"{k} = ?" for k in changes)
-        async with self.transaction() as db:
-            cur = await db.execute(
-                f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}", (*changes.values(), now, *params)
-            )
-            n = cur.rowcount
+        update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
+
+        def op(db: sqlite3.Connection) -> int:
+            n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
             if n:
-                await db.execute(
-                    _EVENT_INSERT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, "state", job_id, now)
-                )
-        return n
+                db.execute(_EVENT_INSERT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, "state", job_id, now))
+            return n
+
+        return await self.batched(op)
 
     async def retry_task(self, job_id: str, pk: str, dk: str) -> int:
         """Operator retry of a finished, unsuccessful task: a new attempt (1), or 0 when not possible."""

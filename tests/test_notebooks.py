@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,14 @@ analysis = pytest.importorskip("otabox.analysis")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+SAMPLE = NOTEBOOKS / "data" / "sample.csv"  # the shipped sample, made by notebooks/make_sample.py
 NOTEBOOK_NAMES = ["01_rollout_overview.ipynb", "02_failures.ipynb", "03_compare_jobs.ipynb"]
 CELL_TIMEOUT_S = 120  # generous: the first cell imports pandas and matplotlib in a cold kernel
 HEADLINE_KEYS = ["tasks", *analysis.TASK_STATUSES]
 
 # --- a small synthetic export in the export contract's format --------------------------------------
+# Only for what a finished simulated rollout cannot show (a job still running, canceled tasks,
+# device-defined step codes, a rejected push): the notebook tests proper run on real exports.
 
 EVENT_COLUMNS = [
     "seq", "ts", "jobId", "jobType", "firmwareId", "productKey", "deviceKey", "fromVersion",
@@ -238,27 +243,61 @@ def write_synthetic_export(path: Path) -> Path:
     return path
 
 
+# --- a fresh export of a real, simulated rollout ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """An export written by notebooks/make_sample.py, and what the API said about its jobs."""
+
+    export: Path
+    first_job: str  # 1.0.0 -> 2.0.0 on every device, in waves: the job notebook 01 shows by default
+    second_job: str  # 2.0.0 -> 2.1.0 on the devices the first job upgraded
+    api_counts: dict[str, dict[str, int]]  # job id -> {"tasks": total, status: n} from GET /api/v1/jobs
+
+
+def load_make_sample() -> Any:
+    spec = importlib.util.spec_from_file_location("make_sample", NOTEBOOKS / "make_sample.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
-def rollout_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path of an export (events CSV plus snapshots) for the notebooks to read."""
-    return write_synthetic_export(tmp_path_factory.mktemp("export") / "rollout.csv")
+def rollout_export(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
+    """A fresh export (JSONL; the shipped sample is CSV) of the sample's rollout with a smaller fleet.
+
+    Same code path as the shipped sample: a real server, the simulator's fleet, two jobs run until
+    the API calls them finished, then `otabox export`. The API's final counts come along.
+    """
+    out = tmp_path_factory.mktemp("export") / "rollout.jsonl"
+    result = load_make_sample().main(["--devices", "48", "--seed", "3", "--out", str(out), "--quiet"])
+    jobs = [entry["job"] for entry in result["jobs"]]
+    assert all(job["status"] == "completed" for job in jobs), [(j["id"], j["status"]) for j in jobs]
+    counts = {job["id"]: {"tasks": job["total"], **job["counts"]} for job in jobs}
+    return Rollout(out, jobs[0]["id"], jobs[1]["id"], counts)
 
 
 # --- running the notebooks -------------------------------------------------------------------------
 
 
-def run_notebook(name: str, export: Path, **env: str) -> Any:
-    """Execute one notebook in a fresh python3 kernel; raises CellExecutionError on any cell error."""
+def run_notebook(name: str, export: Path | None, **env: str) -> Any:
+    """Execute one notebook in a fresh python3 kernel; raises CellExecutionError on any cell error.
+
+    `export` None leaves OTABOX_EXPORT unset: the notebook reads the shipped sample.
+    """
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     kernel_env = {key: value for key, value in os.environ.items() if not key.startswith("OTABOX_")}
     kernel_env.update(
-        OTABOX_EXPORT=str(export),
         # The kernel imports otabox from this checkout whether or not it is installed.
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         # Inline figures become image/png outputs; Agg (common in CI) would show nothing.
         MPLBACKEND="module://matplotlib_inline.backend_inline",
         **env,
     )
+    if export is not None:
+        kernel_env["OTABOX_EXPORT"] = str(export)
     client = nbclient.NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT_S,
@@ -274,6 +313,14 @@ def outputs(notebook: Any) -> Iterator[Any]:
         yield from cell.get("outputs", [])
 
 
+def figures(notebook: Any) -> int:
+    return sum("image/png" in o.get("data", {}) for o in outputs(notebook))
+
+
+def printed(notebook: Any) -> str:
+    return "".join(o.get("text", "") for o in outputs(notebook) if o.output_type == "stream")
+
+
 def headline_counts(notebook: Any) -> dict[str, int]:
     """The `name: N` lines printed by the cell tagged "headline"."""
     cells = [c for c in notebook.cells if "headline" in c.get("metadata", {}).get("tags", [])]
@@ -283,12 +330,26 @@ def headline_counts(notebook: Any) -> dict[str, int]:
     return {key: int(value) for key, value in pattern.findall(text)}
 
 
-def expected_counts(export: Path, job_id: str) -> dict[str, int]:
-    """Per-status task counts of one job, from each task's last event in the export."""
-    events = analysis.load(export).events
-    last = events[events["jobId"] == job_id].drop_duplicates(["jobId", "deviceKey"], keep="last")
-    statuses = last["status"].astype(str).value_counts()
-    return {"tasks": len(last), **{s: int(statuses.get(s, 0)) for s in analysis.TASK_STATUSES}}
+def shown_job(notebook: Any) -> str:
+    """The job notebook 01 says it shows (its `job: ID` line)."""
+    found = re.search(r"^job: (\S+)$", printed(notebook), re.MULTILINE)
+    assert found, "notebook 01 prints no 'job: ID' line"
+    return found.group(1)
+
+
+def snapshot_counts(jobs: Any, job_id: str) -> dict[str, int]:
+    """Per-status counts of one job as the jobs snapshot (the server at export time) has them."""
+    row = jobs[jobs["id"] == job_id].iloc[0]
+    return {"tasks": int(row["total"]), **{s: int(row[s]) for s in analysis.TASK_STATUSES}}
+
+
+# Figures each notebook draws for a finished two-job rollout with waves, retries and every failure kind:
+# 01 funnel, completion, waves, time to upgrade; 02 by step, version, attempt, repeat failures;
+# 03 outcomes, per version, completion, time to upgrade, failure steps.
+FIGURES = {"01_rollout_overview.ipynb": 4, "02_failures.ipynb": 4, "03_compare_jobs.ipynb": 5}
+
+
+# --- tests -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
@@ -300,17 +361,64 @@ def test_notebook_is_committed_without_outputs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
-def test_notebook_runs_and_plots(name: str, rollout_export: Path) -> None:
-    notebook = run_notebook(name, rollout_export)
-    figures = [o for o in outputs(notebook) if "image/png" in o.get("data", {})]
-    assert figures, f"{name} produced no figure"
+def test_notebook_runs_on_fresh_rollout(name: str, rollout_export: Rollout) -> None:
+    notebook = run_notebook(name, rollout_export.export)
+    assert figures(notebook) >= FIGURES[name], f"{name} drew {figures(notebook)} figures"
     if name.startswith("01_"):
-        job_id = analysis.busiest_job(analysis.load(rollout_export).events)
-        assert headline_counts(notebook) == expected_counts(rollout_export, job_id)
+        assert shown_job(notebook) == rollout_export.first_job
+        # The figures show the rollout's real numbers: the notebook's counts are the API's.
+        assert headline_counts(notebook) == rollout_export.api_counts[rollout_export.first_job]
 
 
-def test_overview_follows_otabox_job(rollout_export: Path) -> None:
-    events = analysis.load(rollout_export).events
-    other = next(j for j in events["jobId"].unique() if j != analysis.busiest_job(events))
-    notebook = run_notebook(NOTEBOOK_NAMES[0], rollout_export, OTABOX_JOB=str(other))
-    assert headline_counts(notebook) == expected_counts(rollout_export, str(other))
+def test_overview_follows_otabox_job(rollout_export: Rollout) -> None:
+    job = rollout_export.second_job
+    notebook = run_notebook(NOTEBOOK_NAMES[0], rollout_export.export, OTABOX_JOB=job)
+    assert shown_job(notebook) == job
+    assert headline_counts(notebook) == rollout_export.api_counts[job]
+    assert figures(notebook) >= 3  # no waves in this job: funnel, completion, time to upgrade
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebook_runs_on_shipped_sample(name: str) -> None:
+    notebook = run_notebook(name, None)
+    assert "export: data/sample.csv" in printed(notebook)
+    assert figures(notebook) >= FIGURES[name], f"{name} drew {figures(notebook)} figures"
+    if name.startswith("01_"):
+        jobs = analysis.load(SAMPLE).jobs
+        assert headline_counts(notebook) == snapshot_counts(jobs, shown_job(notebook))
+
+
+def test_shipped_sample_is_a_consistent_export() -> None:
+    """notebooks/data/ holds an untouched make_sample.py export: the snapshot agrees with the events.
+
+    A stale or hand-edited sample fails here; regenerate it with `python notebooks/make_sample.py`.
+    """
+    export = analysis.load(SAMPLE)
+    events, jobs = export.events, export.jobs
+    assert len(jobs) >= 2, "the sample needs two jobs for notebook 03"
+    assert set(events["jobId"]) == set(jobs["id"])
+    assert events["seq"].is_monotonic_increasing and events["seq"].is_unique
+    for job_id in jobs["id"]:
+        derived = analysis.status_counts(events, job_id).iloc[0]
+        assert {k: int(derived[k]) for k in HEADLINE_KEYS} == snapshot_counts(jobs, job_id), job_id
+    assert set(jobs["status"].astype(str)) == {"completed"}
+    assert set(events["firmwareId"]) <= set(export.firmware["id"])
+    assert set(events["deviceKey"]) <= set(export.devices["deviceKey"])
+    # Every failure kind the simulator plays shows up, so every notebook section has data.
+    labels = set(analysis.failures(events)["step_label"].astype(str))
+    assert {"download", "verify", "flash", "declined", "unexpected version", "timeout"} <= labels
+    assert events["attempt"].max() >= 2 and events["wave"].max() == 2
+    size = sum(f.stat().st_size for f in SAMPLE.parent.glob(f"{SAMPLE.stem}.*"))
+    assert size < 1_000_000, f"the sample is {size} bytes; keep notebooks/data small"
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebook_copes_with_unfinished_rollout(name: str, tmp_path: Path) -> None:
+    """Mid-rollout exports: active and canceled tasks, device-defined codes (synthetic, see above)."""
+    export = write_synthetic_export(tmp_path / "partial.csv")
+    notebook = run_notebook(name, export)
+    assert figures(notebook) >= 3
+    if name.startswith("01_"):
+        counts = headline_counts(notebook)
+        assert counts == snapshot_counts(analysis.load(export).jobs, shown_job(notebook))
+        assert counts["canceled"] == 1
