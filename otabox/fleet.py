@@ -58,6 +58,8 @@ class FleetConfig:
     http_connections: int = 256
     keepalive: int = 60
     duration: float | None = None
+    # Keep serving after every device has an outcome (a retry may still come); stop() ends it.
+    until_stopped: bool = False
     seed: int | None = None
     live: bool = False
 
@@ -111,7 +113,7 @@ class Fleet:
             self._done.clear()
         elif old not in TERMINAL and new in TERMINAL:
             self.remaining -= 1
-            if self.remaining <= 0:
+            if self.remaining <= 0 and not self.config.until_stopped:
                 self._done.set()
 
     def stop(self, reason: str = "interrupted") -> None:

@@ -203,7 +203,7 @@ class SimDevice:
     def on_offer(self, msg_id: Any, params: Any) -> None:
         # Busy, or finished for good: a redelivered or repeated offer is ignored. A failed device
         # takes a retry (the job's retry policy) and fails the same way again.
-        if self.outcome not in (WAITING, FAILED) or (self.outcome == FAILED and self.behaviour == "wrong-version"):
+        if self.outcome not in (WAITING, FAILED):
             return
         try:
             offer = Offer.from_params(params)

@@ -161,6 +161,9 @@ def register(sub: Any, api_parent: argparse.ArgumentParser, command: Any, group:
     p.add_argument("--download-speed", type=_argtype(parse_range), help="bytes/s per device, e.g. 100k-1M [unlimited]")
     p.add_argument("--churn-interval", type=_argtype(parse_range), default=(2.0, 10.0), help="seconds [2-10]")
     p.add_argument("--duration", type=float, help="stop after this many seconds [run until done]")
+    p.add_argument(
+        "--job", help="run until this job has finished on the server (waits for retries) [until all devices finish]"
+    )
     p.add_argument("--connect-concurrency", type=int, default=500, help="logins in flight at once [500]")
     p.add_argument("--http-connections", type=int, default=256, help="downloads in flight at once [256]")
     p.add_argument("--keepalive", type=int, default=60, help="MQTT keep-alive seconds [60]")
@@ -202,9 +205,10 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
         duration=args.duration,
         seed=args.seed,
         live=sys.stderr.isatty() and not args.json,
+        until_stopped=bool(args.job),
     )
     fleet = Fleet(config, [(dk, s, v, b) for (dk, s, v), b in zip(devices, behaviours, strict=True)])
-    summary = _run(fleet)
+    summary = _run(fleet, client, args.job)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -212,7 +216,17 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
     return 130 if summary["stoppedBy"] == "interrupted" else 0
 
 
-def _run(fleet: Fleet) -> dict[str, Any]:
+async def _watch_job(fleet: Fleet, client: Client, job_id: str) -> None:
+    """End the run once the job has finished (retries included), as the server reports it."""
+    while True:
+        job = await asyncio.to_thread(client.get, f"/jobs/{job_id}")
+        if job["status"] in ("completed", "canceled", "aborted"):
+            fleet.stop(f"job {job['status']}")
+            return
+        await asyncio.sleep(1.0)
+
+
+def _run(fleet: Fleet, client: Client | None = None, job_id: str | None = None) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         try:
@@ -220,7 +234,12 @@ def _run(fleet: Fleet) -> dict[str, Any]:
             loop.add_signal_handler(signal.SIGTERM, fleet.stop)
         except (NotImplementedError, RuntimeError):
             pass  # not the main thread, or no signal support: Ctrl-C then ends the process the hard way
-        return await fleet.run()
+        watcher = asyncio.create_task(_watch_job(fleet, client, job_id)) if client and job_id else None
+        try:
+            return await fleet.run()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     try:
         import uvloop
