@@ -7,6 +7,7 @@ import io
 import json
 import re
 import secrets
+import string
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 DEVICE_AUTH = ("sign", "plain")
 SIGN_METHODS = ("md5", "sha256")
 MAX_IMPORT_ROWS = 100_000
+_SECRET_ALPHABET = string.ascii_letters + string.digits
 # Room for MAX_IMPORT_ROWS rows with long keys, secrets and a few tags; the app-wide
 # client_max_size (1 MiB) would refuse an import of about 20,000 devices.
 MAX_IMPORT_BYTES = 64 * 1024**2
@@ -64,7 +66,8 @@ def _bool(value: Any, field: str) -> bool:
 
 def _secret(value: Any) -> str:
     if value is None:
-        return secrets.token_urlsafe(24)
+        # Letters and digits only: a secret starting with "-" reads as an option on command lines.
+        return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(32))
     if not isinstance(value, str) or not 8 <= len(value) <= 128 or not value.isprintable():
         raise BadRequest("deviceSecret must be 8-128 printable characters")
     return value

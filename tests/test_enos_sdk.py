@@ -61,8 +61,7 @@ async def start_device(
         "pk1",
         "--device-key",
         dk,
-        "--secret",
-        secret,
+        f"--secret={secret}",  # "=": a secret may start with "-"
         "--version",
         version,
         "--mode",
