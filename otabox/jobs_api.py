@@ -149,6 +149,13 @@ def validate_job(body: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+async def view(app: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it: with counts per task state and retries still due."""
+    out = job_view(job, await app.store.job_counts(job["id"]))
+    out["retriesPending"] = await app.store.retries_pending(job["id"])
+    return out
+
+
 def job_view(job: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     out = {k: v for k, v in job.items() if k != "schedule"}
     if "schedule" in job:
@@ -220,7 +227,7 @@ async def start_job(app: App, body: dict[str, Any]) -> dict[str, Any]:
     app.scheduler.jobs_changed()
     created = await app.store.get_job(job["id"])
     assert created is not None
-    return job_view(created, await app.store.job_counts(job["id"]))
+    return await view(app, created)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -230,12 +237,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     if status is not None and status not in rollout.JOB_STATES:
         raise BadRequest(f"status must be one of {', '.join(rollout.JOB_STATES)}")
     jobs, total = await app.store.list_jobs(status, p.limit, p.offset)
-    return listing([job_view(j, await app.store.job_counts(j["id"])) for j in jobs], total)
+    return listing([await view(app, j) for j in jobs], total)
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await _job(request)
-    return json_response(job_view(job, await request.app[APP].store.job_counts(job["id"])))
+    return json_response(await view(request.app[APP], job))
 
 
 async def job_action(request: web.Request) -> web.Response:
@@ -272,7 +279,7 @@ async def change_job(app: App, job: dict[str, Any], action: str) -> dict[str, An
     app.scheduler.jobs_changed()
     updated = await app.store.get_job(job["id"])
     assert updated is not None
-    return job_view(updated, await app.store.job_counts(job["id"]))
+    return await view(app, updated)
 
 
 async def list_tasks(request: web.Request) -> web.Response:

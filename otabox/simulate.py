@@ -217,11 +217,17 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _watch_job(fleet: Fleet, client: Client, job_id: str) -> None:
-    """End the run once the job has finished (retries included), as the server reports it."""
+    """End the run once the job has settled: finished, or (incremental) with every device done,
+    no task active and no retry due, as the server reports it."""
     while True:
         job = await asyncio.to_thread(client.get, f"/jobs/{job_id}")
+        c = job["counts"]
         if job["status"] in ("completed", "canceled", "aborted"):
             fleet.stop(f"job {job['status']}")
+            return
+        settled = not (c["pending"] or c["published"] or c["upgrading"] or job.get("retriesPending"))
+        if settled and fleet.remaining <= 0 and job["total"] > 0:
+            fleet.stop("job settled")
             return
         await asyncio.sleep(1.0)
 
