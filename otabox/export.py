@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from otabox.rollout import TASK_STATES
-from otabox.store_jobs import EVENT_COLUMNS
+from otabox.store_events import EVENT_COLUMNS
 from otabox.web import iso
 
 JOB_COLUMNS = (

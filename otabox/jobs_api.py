@@ -13,7 +13,7 @@ from aiohttp import web
 
 from otabox import protocol, rollout
 from otabox.errors import BadRequest, Conflict, NotFound
-from otabox.store_jobs import EVENT_COLUMNS
+from otabox.store_events import EVENT_COLUMNS
 from otabox.web import API_PREFIX, APP, iso, json_response, listing, page, parse_time, present, read_json
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from otabox.store_events import EventsMixin
 from otabox.store_jobs import MIGRATION_JOBS, JobsMixin
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _firmware_row(row: sqlite3.Row) -> Row:
     }
 
 
-class Store(JobsMixin):
+class Store(JobsMixin, EventsMixin):
     """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
