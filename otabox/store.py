@@ -1,4 +1,5 @@
-"""All SQL of otabox: one aiosqlite connection in WAL mode, named ordered migrations.
+"""All SQL of otabox (with store_jobs.py and store_events.py, split by noun): one aiosqlite
+connection in WAL mode, named ordered migrations.
 
 Times are stored as REAL epoch seconds (UTC); enum values as TEXT, never ordinals.
 Writes are serialised through one lock so a transaction never interleaves with another.
