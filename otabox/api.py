@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -328,6 +329,7 @@ async def receive_firmware(request: web.Request, pk: str) -> dict[str, Any]:
             "fileName": _file_name(name, version, stored.sha256),
             "enableVerification": _bool(fields.get("enableVerification", "false"), "enableVerification"),
             "minSuccessForVerified": min_success,
+            "signature": await asyncio.to_thread(app.signer.sign_file, stored.path) if app.signer else None,
         }
         try:
             created = await app.store.create_firmware(fw)
@@ -341,7 +343,18 @@ async def receive_firmware(request: web.Request, pk: str) -> dict[str, Any]:
 
 
 def firmware_view(fw: dict[str, Any]) -> dict[str, Any]:
-    return {**fw, "sign": fw["md5"] if fw["signMethod"] == "md5" else fw["sha256"]}
+    view = {**fw, "sign": fw["md5"] if fw["signMethod"] == "md5" else fw["sha256"]}
+    if view.get("signature") is None:
+        view.pop("signature", None)
+    return view
+
+
+async def signing_key(request: web.Request) -> web.Response:
+    """otabox extension: the public key devices use to check firmware signatures."""
+    signer = request.app[APP].signer
+    if signer is None:
+        raise NotFound("this server does not sign firmware (no signing_key configured)")
+    return json_response({"algorithm": "Ed25519", "publicKey": signer.public_key_b64, "pem": signer.public_key_pem})
 
 
 async def list_firmware(request: web.Request) -> web.Response:
@@ -404,3 +417,4 @@ def add_routes(web_app: web.Application) -> None:
     r.add_get(f"{p}/firmware/{{id}}", get_firmware)
     r.add_delete(f"{p}/firmware/{{id}}", delete_firmware)
     r.add_get(f"{p}/firmware/{{id}}/url", firmware_url)
+    r.add_get(f"{p}/signing-key", signing_key)

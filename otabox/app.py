@@ -21,7 +21,7 @@ from otabox import __version__
 from otabox.artifacts import Artifacts
 from otabox.broker import OtaBroker
 from otabox.devices import DeviceService, LoginLimiter
-from otabox.keys import Keys, hash_token, new_token, write_private
+from otabox.keys import Keys, Signer, hash_token, new_token, write_private
 from otabox.scheduler import Scheduler
 from otabox.settings import Settings
 from otabox.store import Store
@@ -47,6 +47,7 @@ class App:
         self.broker: OtaBroker | None = None
         self.devices: DeviceService = None  # type: ignore[assignment]
         self.scheduler: Scheduler = None  # type: ignore[assignment]
+        self.signer: Signer | None = None
         self.admin_token_hash = ""
         self.printed_token: str | None = None
         self.http_port = 0
@@ -71,6 +72,8 @@ class App:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         self.keys = Keys.load_or_create(self.data_dir)
+        if self.settings.signing_key:
+            self.signer = Signer.load_or_create(Path(self.settings.signing_key).expanduser())
         self.store = await Store.open(self.data_dir / "otabox.db")
         await self.store.mark_all_offline()
         await self._admin_token()

@@ -249,7 +249,7 @@ class Scheduler:
 
     def offer(self, job: dict[str, Any], fw: dict[str, Any], device_key: str) -> dict[str, Any]:
         """The params of an upgrade push / getversion offer (spec 3.2)."""
-        return {
+        params = {
             "version": fw["version"],
             "sign": fw["md5"] if fw["signMethod"] == "md5" else fw["sha256"],
             "signMethod": fw["signMethod"],
@@ -259,6 +259,9 @@ class Scheduler:
             "desc": fw["desc"],
             "jobId": job["id"],
         }
+        if fw.get("signature"):
+            params["signature"] = fw["signature"]
+        return params
 
     def _send_upgrade(self, job: dict[str, Any], fw: dict[str, Any], pk: str, dk: str) -> bool:
         # String ids: the EnOS Python SDK breaks on numeric ids in pushes.

@@ -32,6 +32,12 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Base URL put into firmware fileUrls; default derived from host and the bound HTTP port.",
     ),
+    Setting(
+        "signing_key",
+        str,
+        "",
+        "Ed25519 private key file (PEM) that signs firmware; created (0600) when missing; empty = no signing.",
+    ),
     Setting("max_upload_bytes", int, 1024**3, "Largest firmware upload accepted (bytes); larger gets 413."),
     Setting(
         "download_token_ttl",
@@ -60,6 +66,7 @@ class Settings:
     http_port: int = 8080
     mqtt_port: int = 1883
     public_url: str = ""
+    signing_key: str = ""
     max_upload_bytes: int = 1024**3
     download_token_ttl: float = 7 * 24 * 3600.0
     connect_timeout: float = 10.0

@@ -79,6 +79,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     MIGRATION_JOBS,
+    ("0003_firmware_signature", "ALTER TABLE firmware ADD COLUMN signature TEXT"),
 ]
 
 
@@ -141,6 +142,7 @@ def _firmware_row(row: sqlite3.Row) -> Row:
         "status": row["status"],
         "enableVerification": bool(row["enable_verification"]),
         "minSuccessForVerified": row["min_success_for_verified"],
+        "signature": row["signature"],
         "createdAt": row["created_at"],
     }
 
@@ -422,8 +424,8 @@ class Store(JobsMixin, EventsMixin):
         now = time.time()
         await self._write(
             "INSERT INTO firmware (id, product_key, name, version, desc, size, md5, sha256, sign_method,"
-            " file_name, enable_verification, min_success_for_verified, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " file_name, enable_verification, min_success_for_verified, signature, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 fw["id"],
                 fw["productKey"],
@@ -437,6 +439,7 @@ class Store(JobsMixin, EventsMixin):
                 fw["fileName"],
                 1 if fw.get("enableVerification") else 0,
                 fw.get("minSuccessForVerified", 1),
+                fw.get("signature"),
                 now,
             ),
         )

@@ -748,3 +748,11 @@ async def test_dropped_download_is_not_logged_as_an_error(server: Server, caplog
     with contextlib.suppress(TimeoutError):
         await wait_for(logged, timeout=1)
     assert not error_logged(), [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_no_signing_key_means_no_signature(server: Server) -> None:
+    await server.device("d1")
+    fw = await server.firmware("pk1", "1.0", b"unsigned")
+    assert "signature" not in fw
+    err = await server.call("GET", "/signing-key", 404)
+    assert "signing_key" in err["error"]["message"]
