@@ -64,9 +64,6 @@ class _States:
     def is_connected(self) -> bool:
         return self.state == "connected"
 
-    def is_disconnected(self) -> bool:
-        return self.state == "disconnected"
-
     def connect(self) -> None:
         if self.state == "connected":
             raise ValueError("session already connected")

@@ -270,9 +270,6 @@ class Store(JobsMixin, EventsMixin):
             applied.append(name)
         return applied
 
-    async def applied_migrations(self) -> list[str]:
-        return [r["name"] for r in await self._all("SELECT name FROM migrations ORDER BY name")]
-
     # ------------------------------------------------------------ kv
 
     async def get_kv(self, key: str) -> str | None:
