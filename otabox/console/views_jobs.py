@@ -53,6 +53,21 @@ def plain_reason(job: dict[str, Any], counts: dict[str, int]) -> str:
     return status
 
 
+async def job_card(app: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """A job with its counts, progress, plain reason and stacked bar, as lists show it."""
+    counts = full_counts(await app.store.job_counts(job["id"]))
+    total = sum(counts.values())
+    done = sum(counts[s] for s in rollout.FINISHED)
+    return {
+        "job": job,
+        "counts": counts,
+        "total": total,
+        "percent": round(100 * done / total) if total else 0,
+        "reason": plain_reason(job, counts),
+        "bar": charts.stacked_bar(counts, height=14),
+    }
+
+
 def full_counts(counts: dict[str, int]) -> dict[str, int]:
     return {s: counts.get(s, 0) for s in rollout.TASK_STATES}
 
@@ -134,21 +149,7 @@ async def jobs_list(request: web.Request) -> web.Response:
         tab = "running"
     offset = page_offset(request)
     jobs, total = await app.store.jobs_with_status(TABS[tab], PAGE_SIZE, offset)
-    rows = []
-    for job in jobs:
-        counts = full_counts(await app.store.job_counts(job["id"]))
-        n = sum(counts.values())
-        done = sum(counts[s] for s in rollout.FINISHED)
-        rows.append(
-            {
-                "job": job,
-                "counts": counts,
-                "total": n,
-                "percent": round(100 * done / n) if n else 0,
-                "reason": plain_reason(job, counts),
-                "bar": charts.stacked_bar(counts, height=14),
-            }
-        )
+    rows = [await job_card(app, job) for job in jobs]
     tab_totals = {t: (await app.store.jobs_with_status(s, 1, 0))[1] for t, s in TABS.items()}
     return render(
         request,

@@ -7,9 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from otabox import rollout
-from otabox.console import charts
 from otabox.console.render import PAGE_SIZE, otabox, page_offset, render
-from otabox.console.views_jobs import full_counts, plain_reason
+from otabox.console.views_jobs import job_card
 from otabox.errors import NotFound
 
 RECENT_FAILURES = 10
@@ -18,21 +17,7 @@ LOG_ROWS = 100
 
 async def dashboard_context(request: web.Request) -> dict[str, Any]:
     app = otabox(request)
-    jobs = []
-    for job in reversed(await app.store.live_jobs()):
-        counts = full_counts(await app.store.job_counts(job["id"]))
-        total = sum(counts.values())
-        done = sum(counts[s] for s in rollout.FINISHED)
-        jobs.append(
-            {
-                "job": job,
-                "counts": counts,
-                "total": total,
-                "percent": round(100 * done / total) if total else 0,
-                "reason": plain_reason(job, counts),
-                "bar": charts.stacked_bar(counts, height=14),
-            }
-        )
+    jobs = [await job_card(app, job) for job in reversed(await app.store.live_jobs())]
     device_counts = await app.store.device_counts()
     products, _ = await app.store.list_products(1000, 0)
     fleet = [
