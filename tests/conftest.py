@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -83,6 +84,12 @@ async def server(tmp_path: Path, server_settings: dict[str, Any]) -> AsyncIterat
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         yield Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
     await app.stop()
+
+
+def serve_command(data_dir: Path, *extra: str) -> list[str]:
+    """`python -m otabox serve` on free loopback ports in `data_dir` (for tests of the real process)."""
+    return [sys.executable, "-m", "otabox", "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+            "--http-port", "0", "--mqtt-port", "0", *extra]  # fmt: skip
 
 
 def credentials(pk: str, dk: str, secret: str, method: str = "hmacsha256", ts: str | None = None) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,27 +14,14 @@ import aiohttp
 import pytest
 
 from otabox import protocol
-from tests.conftest import TOKEN, Device, Server, wait_for
+from tests.conftest import TOKEN, Device, Server, serve_command, wait_for
 
 
 async def spawn(data_dir: Path) -> tuple[asyncio.subprocess.Process, Server, aiohttp.ClientSession]:
     ports = data_dir / "ports.json"
     ports.unlink(missing_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otabox",
-        "serve",
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        "0",
-        "--mqtt-port",
-        "0",
-        "--scheduler-interval",
-        "0.1",
+        *serve_command(data_dir, "--scheduler-interval", "0.1"),
         env={**os.environ, "OTABOX_ADMIN_TOKEN": TOKEN},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import stat
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import aiomqtt
 import pytest
 
 from otabox import __version__, protocol
-from tests.conftest import Server, credentials, next_message
+from tests.conftest import Server, credentials, next_message, serve_command
 
 START_TIMEOUT = 30.0  # a cold interpreter importing amqtt and aiohttp on a busy CI machine
 STOP_TIMEOUT = 10.0
@@ -89,18 +88,7 @@ class Launcher:
         log = self.tmp_path / f"serve-{len(self.procs)}.log"
         with open(log, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "otabox",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--http-port",
-                "0",
-                "--mqtt-port",
-                "0",
-                "--host",
-                "127.0.0.1",
+                *serve_command(data_dir),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
                 stdin=asyncio.subprocess.DEVNULL,
