@@ -1,7 +1,7 @@
 """Load-generator side of the benchmark: lightweight MQTT devices, worker pools, HTTP download load.
 
 Everything here runs in the harness's one event loop; the servers under test run in their own
-processes. Devices are `otabox.mqttlite` connections (the simulator's client) sending exactly
+processes. Devices are `otabox.device.mqtt` connections (the simulator's client) sending exactly
 the CONNECT a real EnOS device sends, whether the broker is otabox or mosquitto.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from otabox import protocol
-from otabox.mqttlite import MQTTLiteClient, MQTTLiteError
+from otabox.device.mqtt import MQTTLiteClient, MQTTLiteError
 
 UPGRADE_SUFFIX = "/" + protocol.UPGRADE
 REPO = Path(__file__).resolve().parent.parent
