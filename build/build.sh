@@ -46,7 +46,7 @@ from PyInstaller.archive.readers import CArchiveReader
 
 inside = set(CArchiveReader("dist/otabox").toc)
 wanted = sorted(
-    p.as_posix() for sub in ("templates", "static") for p in Path("otabox/console", sub).rglob("*") if p.is_file()
+    p.as_posix() for sub in ("templates", "static") for p in Path("otabox/server/http/console", sub).rglob("*") if p.is_file()
 )
 missing = [name for name in wanted if name not in inside]
 if missing:

@@ -4,7 +4,7 @@
 
 Starts an otabox server in this process (a temporary data dir, free ports, a fast scheduler),
 creates a product and N devices through the bulk-import API, uploads firmware 2.0.0 and 2.1.0,
-and plays two push jobs with the simulator's fleet (`otabox.fleet`, the engine of
+and plays two push jobs with the simulator's fleet (`otabox.sim.fleet`, the engine of
 `otabox simulate`):
 
 1. 1.0.0 -> 2.0.0 on every device: waves of 10 % (successRatio 0.8) and 100 %, one retry,
@@ -12,7 +12,7 @@ and plays two push jobs with the simulator's fleet (`otabox.fleet`, the engine o
 2. 2.0.0 -> 2.1.0 on the devices job 1 upgraded, with a smaller mix and no waves.
 
 Each job runs until the API reports it finished (a wave below its bar is resumed, as an
-operator would). Then `otabox.export` writes OUT and its snapshot files
+operator would). Then `otabox.export.writer` writes OUT and its snapshot files
 (`<stem>.jobs|firmware|devices.<ext>`), and the script checks that the counts derived from
 the exported events equal the API's counts per job. `main()` returns what it printed as a
 dict (tests/test_notebooks.py uses it to make a fresh export).
@@ -34,12 +34,12 @@ from typing import Any
 import aiohttp
 
 from otabox import analysis
-from otabox.app import App
-from otabox.client import Client
-from otabox.export import export_data_dir, format_of, snapshot_path
-from otabox.fleet import Fleet, FleetConfig
-from otabox.settings import Settings
-from otabox.simulate import assign, create_devices, format_summary, parse_mix
+from otabox.server.app import App
+from otabox.cli.client import Client
+from otabox.export.writer import export_data_dir, format_of, snapshot_path
+from otabox.sim.fleet import Fleet, FleetConfig
+from otabox.server.settings import Settings
+from otabox.cli.simulate import assign, create_devices, format_summary, parse_mix
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "sample.csv"
 TOKEN = "sample-admin-token"

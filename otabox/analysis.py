@@ -16,10 +16,13 @@ from typing import Any
 import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
-TASK_STATUSES = ["pending", "published", "upgrading", "succeeded", "failed", "canceled", "timeout"]
-ACTIVE_STATUSES = ["pending", "published", "upgrading"]
-FINAL_STATUSES = ["succeeded", "failed", "canceled", "timeout"]
-FAILURE_STATUSES = ["failed", "timeout"]
+from otabox.export import schema
+from otabox.models import ACTIVE, FINISHED, TaskState
+
+TASK_STATUSES = list(schema.TASK_STATUSES)
+ACTIVE_STATUSES = [s.value for s in ACTIVE]
+FINAL_STATUSES = [s.value for s in FINISHED]
+FAILURE_STATUSES = [TaskState.FAILED.value, TaskState.TIMEOUT.value]
 STEP_LABELS = [
     "download", "verify", "flash", "declined", "upgrade",
     "device-defined", "unexpected version", "timeout", "other",
@@ -27,33 +30,8 @@ STEP_LABELS = [
 _CODE_LABELS = {-1: "upgrade", -2: "download", -3: "verify", -4: "flash", -5: "declined"}
 TASK_KEY = ["jobId", "deviceKey"]
 
-# Column name -> type: "str", "int", "float", "bool", "time", "json", or a category list.
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "events": {
-        "seq": "int", "ts": "time", "jobId": "str", "jobType": ["upgrade", "verify"],
-        "firmwareId": "str", "productKey": "str", "deviceKey": "str", "fromVersion": "str",
-        "toVersion": "str", "status": TASK_STATUSES, "kind": ["state", "progress"], "step": "int",
-        "desc": "str", "attempt": "int", "wave": "int", "bytesDownloaded": "int",
-    },
-    "jobs": {
-        "id": "str", "name": "str", "type": ["upgrade", "verify"], "firmwareId": "str",
-        "productKey": "str",
-        "status": ["scheduled", "running", "paused", "completed", "canceled", "aborted"],
-        "statusReason": "str", "mode": ["push", "request"], "policy": ["snapshot", "incremental"],
-        "createdAt": "time", "startedAt": "time", "finishedAt": "time", "total": "int",
-        **{status: "int" for status in TASK_STATUSES},
-        "currentWave": "int", "waves": "json",
-    },
-    "firmware": {
-        "id": "str", "productKey": "str", "name": "str", "version": "str", "size": "int",
-        "md5": "str", "sha256": "str", "signMethod": ["md5", "sha256"],
-        "status": ["unverified", "verified"], "createdAt": "time",
-    },
-    "devices": {
-        "productKey": "str", "deviceKey": "str", "version": "str", "online": "bool",
-        "lastSeen": "time", "createdAt": "time", "tags": "json",
-    },
-}  # fmt: skip
+# Column name -> type, per table: the export's own schema (otabox.export.schema).
+SCHEMAS: dict[str, dict[str, Any]] = schema.SCHEMAS
 
 
 @dataclass(frozen=True, slots=True, eq=False)

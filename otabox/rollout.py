@@ -1,54 +1,16 @@
 """Pure rollout decisions over plain data: windows, waves, abort, rate, retry, outcomes.
 
-No I/O here (no aiohttp, amqtt or aiosqlite): the scheduler reads the store, asks these
+No I/O here (no aiohttp, amqtt or aiosqlite): the job engine reads the store, asks these
 functions, and acts. Times are epoch seconds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-ACTIVE = ("pending", "published", "upgrading")
-IN_FLIGHT = ("published", "upgrading")
-FINISHED = ("succeeded", "failed", "canceled", "timeout")
-TASK_STATES = ("pending", "published", "upgrading", "succeeded", "failed", "canceled", "timeout")
-JOB_STATES = ("scheduled", "running", "paused", "completed", "canceled", "aborted")
-JOB_DONE = ("completed", "canceled", "aborted")
-
-
-@dataclass(frozen=True, slots=True)
-class Wave:
-    percent: float
-    success_ratio: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    start: float | None = None
-    end: float | None = None
-    daily: tuple[int, int] | None = None  # minutes after local midnight: [from, to)
-    tz_offset_minutes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """Everything that steers a job, parsed from the API body."""
-
-    mode: str = "push"
-    policy: str = "snapshot"
-    max_concurrency: int | None = None
-    rate_per_minute: float | None = None
-    timeout_seconds: float = 7200.0
-    retry_count: int = 0
-    retry_interval: float = 0.0
-    abort_ratio: float | None = None
-    abort_min_finished: int = 1
-    waves: tuple[Wave, ...] = ()
-    schedule: Schedule = field(default_factory=Schedule)
-
+from otabox.models import ACTIVE, Device, JobStatus, PauseCause, Schedule, Scope, TaskState, Wave
 
 # ---------------------------------------------------------------- schedule window
 
@@ -71,15 +33,6 @@ def window_open(s: Schedule, now: float) -> bool:
 
 def window_ended(s: Schedule, now: float) -> bool:
     return s.end is not None and now >= s.end
-
-
-def parse_hhmm(text: str) -> int:
-    """'01:30' -> 90. Raises ValueError."""
-    hh, _, mm = text.partition(":")
-    h, m = int(hh), int(mm)
-    if not (0 <= h <= 24 and 0 <= m < 60) or (h == 24 and m):
-        raise ValueError(text)
-    return h * 60 + m
 
 
 # ---------------------------------------------------------------- waves
@@ -113,14 +66,14 @@ class WaveDecision:
     reason: str = ""
 
 
-def wave_decision(counts: dict[str, int], wave: Wave, number: int) -> WaveDecision:
+def wave_decision(counts: dict[TaskState, int], wave: Wave, number: int) -> WaveDecision:
     """Whether the current wave is done and good enough for the next one to start."""
     total = sum(counts.values())
     if any(counts.get(s, 0) for s in ACTIVE):
         return WaveDecision("wait")
     if total == 0 or wave.success_ratio is None:
         return WaveDecision("advance")
-    ratio = counts.get("succeeded", 0) / total
+    ratio = counts.get(TaskState.SUCCEEDED, 0) / total
     if ratio + 1e-9 >= wave.success_ratio:
         return WaveDecision("advance")
     return WaveDecision("pause", f"wave {number} below {wave.success_ratio * 100:g} % success ({ratio * 100:.1f} %)")
@@ -129,16 +82,21 @@ def wave_decision(counts: dict[str, int], wave: Wave, number: int) -> WaveDecisi
 # ---------------------------------------------------------------- abort, completion
 
 
-def should_abort(counts: dict[str, int], ratio: float | None, min_finished: int) -> bool:
-    """failures / finished >= ratio after at least min_finished finished tasks; timeouts are failures."""
+def failures(counts: dict[TaskState, int]) -> tuple[int, int]:
+    """(failures, finished) as the abort rule counts them: timeouts are failures, cancels are neither."""
+    failed = counts.get(TaskState.FAILED, 0) + counts.get(TaskState.TIMEOUT, 0)
+    return failed, failed + counts.get(TaskState.SUCCEEDED, 0)
+
+
+def should_abort(counts: dict[TaskState, int], ratio: float | None, min_finished: int) -> bool:
+    """failures / finished >= ratio after at least min_finished finished tasks."""
     if ratio is None:
         return False
-    failures = counts.get("failed", 0) + counts.get("timeout", 0)
-    finished = failures + counts.get("succeeded", 0)
-    return finished >= max(1, min_finished) and failures / finished >= ratio
+    failed, finished = failures(counts)
+    return finished >= max(1, min_finished) and failed / finished >= ratio
 
 
-def snapshot_done(counts: dict[str, int], retries_pending: int) -> bool:
+def snapshot_done(counts: dict[TaskState, int], retries_pending: int) -> bool:
     return not any(counts.get(s, 0) for s in ACTIVE) and retries_pending == 0
 
 
@@ -189,13 +147,13 @@ def retry_at(attempt: int, retry_count: int, interval: float, now: float) -> flo
     return None
 
 
-def inform_outcome(version: str, from_version: str | None, to_version: str) -> tuple[str, str] | None:
+def inform_outcome(version: str, from_version: str | None, to_version: str) -> tuple[TaskState, str] | None:
     """(status, desc) an inform causes for an in-flight task, or None for no change."""
     if version == to_version:
-        return "succeeded", f"running {version}"
+        return TaskState.SUCCEEDED, f"running {version}"
     if from_version is not None and version == from_version:
         return None
-    return "failed", f"unexpected version {version}"
+    return TaskState.FAILED, f"unexpected version {version}"
 
 
 def step_label(step: int | None) -> str:
@@ -208,17 +166,36 @@ def step_label(step: int | None) -> str:
     }.get(step if step is not None else 0, "device-defined failure")
 
 
-def in_scope(device: dict[str, Any], scope: dict[str, Any], target_version: str) -> bool:
+def in_scope(device: Device, scope: Scope, target_version: str) -> bool:
     """Scope filters (all given must match); devices on the target version never are."""
-    version = device.get("version")
+    version = device.version
     if version == target_version:
         return False
-    versions = scope.get("versionNumbers")
-    if versions and version not in versions:
+    if scope.version_numbers and version not in scope.version_numbers:
         return False
-    keys = scope.get("deviceKeys")
-    if keys and device["deviceKey"] not in keys:
+    if scope.device_keys and device.device_key not in scope.device_keys:
         return False
-    tags: dict[str, list[str]] = scope.get("tags") or {}
-    dtags = device.get("tags") or {}
-    return all(dtags.get(k) in values for k, values in tags.items())
+    return all(device.tags.get(k) in values for k, values in scope.tags.items())
+
+
+# ---------------------------------------------------------------- operator actions
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What `resume` of a paused job does: run again, from `wave` on."""
+
+    wave: int
+
+
+def resume(status: JobStatus, cause: PauseCause, current_wave: int, waves: int) -> Resume | None:
+    """Resume of a paused job, or None when the job is not paused.
+
+    A job paused at a wave gate goes on to the next wave anyway (the operator overrides the
+    gate); one paused by an operator carries on in the wave it was in.
+    """
+    if status != JobStatus.PAUSED:
+        return None
+    if cause == PauseCause.WAVE_GATE and current_wave < waves:
+        return Resume(current_wave + 1)
+    return Resume(current_wave)

@@ -16,8 +16,8 @@ import aiomqtt
 import pytest
 
 from otabox import protocol
-from otabox.app import App
-from otabox.settings import Settings
+from otabox.server.app import App
+from otabox.server.settings import Settings
 
 TOKEN = "test-admin-token"
 

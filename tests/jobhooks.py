@@ -64,7 +64,7 @@ async def offer_params(server: Any, fw: dict[str, Any], dk: str, **override: Any
         "version": fw["version"],
         "sign": fw["sign"],
         "signMethod": fw["signMethod"],
-        "fileUrl": server.app.file_url(full, dk),
+        "fileUrl": server.app.services.urls.file_url(full, dk),
         "fileSize": fw["size"],
         "firmwareName": fw["name"],
         "desc": "test push",
@@ -77,5 +77,5 @@ async def offer_params(server: Any, fw: dict[str, Any], dk: str, **override: Any
 def push(server: Any, dk: str, params: dict[str, Any], pk: str = "pk1", msg_id: str = "p1") -> bool:
     """Deliver an upgrade push straight to the device's session (what a push-mode job does)."""
     payload = protocol.request(msg_id, "ota.device.upgrade", params)
-    delivered: bool = server.app.broker.deliver(pk, dk, protocol.UPGRADE, payload, qos=1)
+    delivered: bool = server.app.services.outbox.deliver(pk, dk, protocol.UPGRADE, payload, qos=1)
     return delivered

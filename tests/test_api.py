@@ -631,7 +631,7 @@ async def test_download_token_is_required_and_checked(server: Server) -> None:
     flipped_sig = sig[:-1] + ("A" if sig[-1] != "A" else "B")
     flipped_body = ("A" if body[0] != "A" else "B") + body[1:]
     other_token = (await file_url(server, other, "d1")).split("token=", 1)[1]
-    expired = server.app.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
+    expired = server.app.services.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
     async with aiohttp.ClientSession() as anon:
         for bad_url in (url.split("?", 1)[0], with_token(url, "")):
             async with anon.get(bad_url) as resp:
@@ -654,8 +654,8 @@ async def test_download_token_is_required_and_checked(server: Server) -> None:
 async def test_download_token_expires(server: Server) -> None:
     await server.device("d1")
     fw = await server.firmware("pk1", "1.0", b"fw")
-    good = server.app.keys.download_token(fw["id"], "pk1", "d1", ttl=60)
-    gone = server.app.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
+    good = server.app.services.keys.download_token(fw["id"], "pk1", "d1", ttl=60)
+    gone = server.app.services.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
     url = await file_url(server, fw, "d1")
     async with aiohttp.ClientSession() as anon:
         async with anon.get(with_token(url, good)) as resp:

@@ -235,7 +235,7 @@ async def test_binary_serves_a_device_end_to_end(
 
             console = ROOT / "otabox" / "console"
             if (console / "templates").is_dir():
-                from otabox.console import PREFIX
+                from otabox.server.http.console import PREFIX
 
                 # Templates and static files are data inside the binary, not modules.
                 static = min(p for p in (console / "static").rglob("*") if p.is_file())

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from otabox.console import CONSOLE, charts
-from otabox.console.render import CSP, STATIC, TEMPLATES
-from otabox.console.views_jobs import plain_reason
+from otabox.server.http.console import CONSOLE, charts
+from otabox.server.http.console.render import CSP, STATIC, TEMPLATES
+from otabox.server.http.console.views_jobs import plain_reason
 from tests.conftest import TOKEN, Device, Server, start_server, wait_for
 
 

@@ -32,7 +32,7 @@ FIRMWARE = os.urandom(300_000)
 async def recorder(server: Server) -> Recorder:
     await server.product("pk1")
     rec = Recorder()
-    server.app.devices.jobs = rec
+    server.app.gateway.jobs = rec
     return rec
 
 

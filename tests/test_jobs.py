@@ -194,7 +194,7 @@ async def test_schedule_window_pushes_nothing_outside(server: Server, fw: dict[s
     hi = (now - timedelta(hours=1)).strftime("%H:%M")
     j2 = await job(server, fw, schedule={"dailyWindow": [lo, hi], "timezoneOffsetMinutes": 0})
     assert j2["status"] == "running"
-    ticks = server.app.scheduler.ticks
+    ticks = server.app.services.engine.ticks
     await wait_for(lambda: _ticked(server, ticks + 3))
     assert (await counts(server, j2["id"]))["pending"] == 1
     assert d.queue(protocol.UPGRADE).empty()
@@ -208,7 +208,7 @@ async def test_schedule_window_pushes_nothing_outside(server: Server, fw: dict[s
 
 
 async def _ticked(server: Server, n: int) -> bool:
-    return server.app.scheduler.ticks >= n
+    return server.app.services.engine.ticks >= n
 
 
 async def test_timeout_of_silent_device(server: Server, fw: dict[str, Any]) -> None:
@@ -269,7 +269,7 @@ async def test_abort_on_failure_ratio_stops_pushes(server: Server, fw: dict[str,
     # A slot freed by the first failure may have been refilled before the second one.
     assert c["failed"] == 2 and c["pending"] == 0 and c["canceled"] + c["published"] == 4
     canceled = (await server.call("GET", f"/jobs/{j['id']}/tasks?status=canceled", 200))["items"]
-    ticks = server.app.scheduler.ticks
+    ticks = server.app.services.engine.ticks
     await wait_for(lambda: _ticked(server, ticks + 3))
     for t in canceled:
         assert devs[t["deviceKey"]].queue(protocol.UPGRADE).empty()

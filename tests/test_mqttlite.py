@@ -1,4 +1,4 @@
-"""Tests for otabox.mqttlite against a real in-process amqtt broker, plus a raw fake broker for edge cases."""
+"""Tests for otabox.device.mqtt against a real in-process amqtt broker, plus a raw fake broker for edge cases."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from amqtt.broker import Broker
 
-from otabox.mqttlite import (
+from otabox.device.mqtt import (
     PINGRESP,
     ConnectionLost,
     ConnectRefused,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from otabox import protocol
-from otabox.keys import Keys
+from otabox.server.keys import Keys
 from tests.conftest import Server, mqtt_client, request
 
 

@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from otabox import rollout
-from otabox.rollout import Schedule, TokenBucket, Wave
+from otabox.jobspec import parse_hhmm
+from otabox.models import Device, JobStatus, PauseCause, Schedule, Scope, Wave
+from otabox.rollout import TokenBucket
 
 
 def ts(text: str) -> float:
@@ -24,15 +26,15 @@ def test_absolute_window() -> None:
 
 
 def test_daily_window_with_timezone_and_midnight() -> None:
-    s = Schedule(daily=(rollout.parse_hhmm("01:00"), rollout.parse_hhmm("05:00")), tz_offset_minutes=60)
+    s = Schedule(daily=(parse_hhmm("01:00"), parse_hhmm("05:00")), tz_offset_minutes=60)
     assert rollout.window_open(s, ts("2026-01-01T00:30:00"))  # 01:30 local
     assert not rollout.window_open(s, ts("2026-01-01T04:00:00"))  # 05:00 local
-    night = Schedule(daily=(rollout.parse_hhmm("22:00"), rollout.parse_hhmm("02:00")))
+    night = Schedule(daily=(parse_hhmm("22:00"), parse_hhmm("02:00")))
     assert rollout.window_open(night, ts("2026-01-01T23:00:00"))
     assert rollout.window_open(night, ts("2026-01-01T01:59:00"))
     assert not rollout.window_open(night, ts("2026-01-01T12:00:00"))
     with pytest.raises(ValueError):
-        rollout.parse_hhmm("24:30")
+        parse_hhmm("24:30")
 
 
 def test_wave_sizes_and_assignment() -> None:
@@ -89,9 +91,19 @@ def test_retry_and_inform_outcome() -> None:
 
 
 def test_scope() -> None:
-    dev = {"deviceKey": "d1", "version": "1.0", "tags": {"site": "east"}}
-    assert rollout.in_scope(dev, {}, "2.0")
-    assert not rollout.in_scope(dev, {}, "1.0")
-    assert rollout.in_scope(dev, {"versionNumbers": ["1.0", "1.1"], "tags": {"site": ["east", "west"]}}, "2.0")
-    assert not rollout.in_scope(dev, {"versionNumbers": ["1.0"], "tags": {"site": ["north"]}}, "2.0")
-    assert not rollout.in_scope(dev, {"deviceKeys": ["d2"]}, "2.0")
+    dev = Device("pk", "d1", "1.0", True, None, {"site": "east"}, "sign", 0.0)
+    assert rollout.in_scope(dev, Scope(), "2.0")
+    assert not rollout.in_scope(dev, Scope(), "1.0")
+    assert rollout.in_scope(dev, Scope(("1.0", "1.1"), (), {"site": ("east", "west")}), "2.0")
+    assert not rollout.in_scope(dev, Scope(("1.0",), (), {"site": ("north",)}), "2.0")
+    assert not rollout.in_scope(dev, Scope((), ("d2",)), "2.0")
+
+
+def test_resume_after_a_wave_gate_opens_the_next_wave_and_after_an_operator_pause_stays() -> None:
+    assert rollout.resume(JobStatus.RUNNING, PauseCause.NONE, 1, 3) is None
+    gate = rollout.resume(JobStatus.PAUSED, PauseCause.WAVE_GATE, 1, 3)
+    assert gate is not None and gate.wave == 2
+    last = rollout.resume(JobStatus.PAUSED, PauseCause.WAVE_GATE, 3, 3)
+    assert last is not None and last.wave == 3
+    operator = rollout.resume(JobStatus.PAUSED, PauseCause.OPERATOR, 2, 3)
+    assert operator is not None and operator.wave == 2

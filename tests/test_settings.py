@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from otabox import settings
 from otabox.errors import BadRequest, Conflict, NotFound, TooLarge, Unauthorized
+from otabox.server import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from otabox.keys import verify_file_signature
+from otabox.server.keys import verify_file_signature
 from tests.conftest import Device, Server
 
 
@@ -43,6 +43,6 @@ async def test_the_key_survives_a_restart(server: Server, tmp_path: Path) -> Non
     await server.app.stop()
     again = await start_server(tmp_path, signing_key=str(tmp_path / "keys" / "signing.pem"))
     try:
-        assert again.signer is not None and again.signer.public_key_b64 == first
+        assert again.services is not None and again.services.signer is not None and again.services.signer.public_key_b64 == first
     finally:
         await again.stop()

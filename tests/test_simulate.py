@@ -12,10 +12,18 @@ from typing import Any
 import pytest
 
 from otabox import cli
-from otabox import fleet as fleet_mod
-from otabox.client import Client
-from otabox.fleet import Fleet, FleetConfig
-from otabox.simulate import BEHAVIOURS, assign, create_devices, format_summary, parse_mix, parse_range, read_devices_csv
+from otabox.cli.client import Client
+from otabox.cli.simulate import (
+    BEHAVIOURS,
+    assign,
+    create_devices,
+    format_summary,
+    parse_mix,
+    parse_range,
+    read_devices_csv,
+)
+from otabox.sim import fleet as fleet_mod
+from otabox.sim.fleet import Fleet, FleetConfig
 from tests.conftest import TOKEN, Server, wait_for
 from tests.jobhooks import Recorder, offer_params, push
 
@@ -116,7 +124,7 @@ def outcomes_by_behaviour(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 async def test_push_fleet_every_behaviour(server: Server) -> None:
     rec = Recorder()
-    server.app.devices.jobs = rec  # stands in for the job engine: records what the server heard
+    server.app.gateway.jobs = rec  # stands in for the job engine: records what the server heard
     fleet = await fleet_for(server, ALL_MIX, 2 * len(BEHAVIOURS))
     fw = await server.firmware("pk1", "2.0.0", FIRMWARE)
     run = asyncio.create_task(fleet.run())
@@ -164,7 +172,7 @@ async def _true(value: bool) -> bool:
 
 async def test_request_mode_polls_for_offers(server: Server) -> None:
     rec = Recorder()
-    server.app.devices.jobs = rec
+    server.app.gateway.jobs = rec
     fleet = await fleet_for(server, {"success": 3, "decline": 1}, 4, poll=0.2, request_mode=True)
     fw = await server.firmware("pk1", "2.0.0", FIRMWARE)
     for dev in fleet.devices:

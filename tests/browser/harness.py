@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from otabox import protocol
-from otabox.app import App
+from otabox.server.app import App
 from tests.conftest import TOKEN, Device, start_server
 
 T = TypeVar("T")

@@ -1,0 +1,256 @@
+"""The domain's words as types: task and job states, and the records the server keeps.
+
+Pure (no aiohttp, amqtt or aiosqlite): the store builds these records from rows in one place
+(`otabox.server.store.rows`), the job engine and services work on them, and the HTTP layer
+presents them as JSON (`otabox.server.http.present`). States are `StrEnum`s, so a state is
+stored, sent and compared as its plain string and defined only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class TaskState(StrEnum):
+    """One device in one job. The first three are active; a device has at most one active task."""
+
+    PENDING = "pending"
+    PUBLISHED = "published"
+    UPGRADING = "upgrading"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    TIMEOUT = "timeout"
+
+
+class JobStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELED = "canceled"
+    ABORTED = "aborted"
+
+
+class JobType(StrEnum):
+    UPGRADE = "upgrade"
+    VERIFY = "verify"
+
+
+class JobMode(StrEnum):
+    PUSH = "push"
+    REQUEST = "request"
+
+
+class JobPolicy(StrEnum):
+    SNAPSHOT = "snapshot"
+    INCREMENTAL = "incremental"
+
+
+class PauseCause(StrEnum):
+    """Why a paused job is paused: what `resume` then does depends on it (`rollout.resume`)."""
+
+    NONE = ""
+    OPERATOR = "operator"
+    WAVE_GATE = "waveGate"
+
+
+class FirmwareStatus(StrEnum):
+    UNVERIFIED = "unverified"
+    VERIFIED = "verified"
+
+
+class EventKind(StrEnum):
+    """A row of the upgrade log: a task state change, or a progress report within a state."""
+
+    STATE = "state"
+    PROGRESS = "progress"
+
+
+ACTIVE: tuple[TaskState, ...] = (TaskState.PENDING, TaskState.PUBLISHED, TaskState.UPGRADING)
+IN_FLIGHT: tuple[TaskState, ...] = (TaskState.PUBLISHED, TaskState.UPGRADING)
+FINISHED: tuple[TaskState, ...] = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELED, TaskState.TIMEOUT)
+TASK_STATES: tuple[TaskState, ...] = tuple(TaskState)
+LIVE_JOBS: tuple[JobStatus, ...] = (JobStatus.SCHEDULED, JobStatus.RUNNING, JobStatus.PAUSED)
+JOB_DONE: tuple[JobStatus, ...] = (JobStatus.COMPLETED, JobStatus.CANCELED, JobStatus.ABORTED)
+JOB_STATES: tuple[JobStatus, ...] = tuple(JobStatus)
+
+
+def sql_list(states: tuple[StrEnum, ...]) -> str:
+    """`('pending', 'published')`: a state set as an SQL literal list, from the one definition above."""
+    return "(" + ", ".join(f"'{s.value}'" for s in states) + ")"
+
+
+# ---------------------------------------------------------------- times on the wire
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds -> ISO 8601 UTC with microseconds and a Z (the API's and the export's time format)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(value: str) -> float:
+    """ISO 8601 (naive = UTC) -> epoch seconds. Raises ValueError."""
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    product_key: str
+    name: str
+    created_at: float
+    devices: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    product_key: str
+    device_key: str
+    version: str | None
+    online: bool
+    last_seen: float | None
+    tags: dict[str, str]
+    auth: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Firmware:
+    id: str
+    product_key: str
+    name: str
+    version: str
+    desc: str
+    size: int
+    md5: str
+    sha256: str
+    sign_method: str
+    file_name: str
+    status: FirmwareStatus
+    enable_verification: bool
+    min_success_for_verified: int
+    signature: str | None
+    created_at: float
+
+    @property
+    def sign(self) -> str:
+        """The digest devices check, in the firmware's sign method."""
+        return self.md5 if self.sign_method == "md5" else self.sha256
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    percent: float
+    success_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    version_numbers: tuple[str, ...] = ()
+    device_keys: tuple[str, ...] = ()
+    tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    start: float | None = None
+    end: float | None = None
+    daily: tuple[int, int] | None = None  # minutes after local midnight: [from, to)
+    tz_offset_minutes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Everything that steers a job, as validated from the API body (`otabox.jobspec`)."""
+
+    scope: Scope = field(default_factory=Scope)
+    mode: JobMode = JobMode.PUSH
+    policy: JobPolicy = JobPolicy.SNAPSHOT
+    max_concurrency: int | None = None
+    rate_per_minute: float | None = None
+    timeout_seconds: float = 7200.0
+    retry_count: int = 0
+    retry_interval: float = 0.0
+    abort_ratio: float | None = None
+    abort_min_finished: int = 1
+    waves: tuple[Wave, ...] = ()
+    schedule: Schedule = field(default_factory=Schedule)
+    # The schedule as the operator gave it (ISO strings, "HH:MM" pairs), shown back unchanged.
+    schedule_text: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    name: str
+    type: JobType
+    firmware_id: str
+    product_key: str
+    to_version: str
+    status: JobStatus
+    status_reason: str
+    pause_cause: PauseCause
+    current_wave: int
+    skipped: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    spec: JobSpec
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_JOBS
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    job_id: str
+    product_key: str
+    device_key: str
+    status: TaskState
+    wave: int
+    progress: int | None
+    step: int | None
+    desc: str | None
+    from_version: str | None
+    to_version: str
+    attempt: int
+    due_at: float | None
+    retry_at: float | None
+    published_at: float | None
+    upgrading_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of the upgrade log."""
+
+    seq: int
+    ts: float
+    job_id: str
+    job_type: str
+    firmware_id: str
+    product_key: str
+    device_key: str
+    from_version: str | None
+    to_version: str | None
+    status: str
+    kind: str
+    step: int | None
+    desc: str | None
+    attempt: int
+    wave: int | None
+    bytes_downloaded: int | None

@@ -1,0 +1,219 @@
+"""The one place where the server process is assembled and torn down.
+
+Objects are built in dependency order, each handed what it needs (no setters closing the graph):
+data dir and keys -> store -> HTTP socket (so fileUrls know the port) -> outbox -> job engine ->
+device reports -> device gateway -> broker -> services -> HTTP site; the job engine starts last.
+Stop runs in reverse and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from otabox import __version__
+from otabox.server.artifacts import Artifacts
+from otabox.server.firmware import FirmwareService
+from otabox.server.http.app import build_app
+from otabox.server.jobs.engine import JobEngine
+from otabox.server.jobs.reports import DeviceReports
+from otabox.server.jobs.service import JobService
+from otabox.server.keys import FileUrls, Keys, Signer, hash_token, new_token, write_private
+from otabox.server.mqtt.broker import OtaBroker
+from otabox.server.mqtt.device_hooks import DeviceGateway
+from otabox.server.mqtt.outbox import Outbox
+from otabox.server.registry import Registry
+from otabox.server.services import Services, Status
+from otabox.server.settings import Settings
+from otabox.server.store import Store
+from otabox.server.throttle import LoginLimiter
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_KEY = "admin_token_sha256"
+# Pending HTTP connections the kernel queues (a fleet's downloads can arrive at once).
+HTTP_BACKLOG = 1024
+
+
+class App:
+    """One otabox server: store, broker, HTTP site and job engine in one event loop."""
+
+    def __init__(self, settings: Settings, *, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = dict(os.environ) if env is None else env
+        self.version = __version__
+        self.data_dir = Path(settings.data_dir).resolve()
+        self.printed_token: str | None = None
+        self.services: Services | None = None
+        self.store: Store | None = None
+        self.broker: OtaBroker | None = None
+        self.engine: JobEngine | None = None
+        self.gateway: DeviceGateway | None = None
+        self._runner: web.AppRunner | None = None
+        self._http_sock: socket.socket | None = None
+        self._stopped = False
+
+    @property
+    def http_port(self) -> int:
+        return self.services.status.http_port if self.services else 0
+
+    @property
+    def mqtt_port(self) -> int:
+        return self.services.status.mqtt_port if self.services else 0
+
+    @property
+    def public_url(self) -> str:
+        return self.services.urls.public_url if self.services else ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start every component; on failure, stop what was started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        keys = Keys.load_or_create(self.data_dir)
+        signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
+        store = self.store = await Store.open(self.data_dir / "otabox.db")
+        await store.mark_all_offline()
+        admin_hash = await self._admin_token(store)
+        artifacts = Artifacts(self.data_dir / "firmware")
+
+        self._http_sock = socket.create_server(
+            (s.host, s.http_port), family=_family(s.host), backlog=HTTP_BACKLOG, reuse_port=False
+        )
+        http_port = int(self._http_sock.getsockname()[1])
+        urls = FileUrls(keys, s.public_url or _default_public_url(s.host, http_port), s.download_token_ttl)
+
+        outbox = Outbox()
+        engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval)
+        reports = DeviceReports(engine, store)
+        limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
+        gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox)
+        self.broker = OtaBroker(gateway, outbox, s.host, s.mqtt_port, s.connect_timeout)
+        await self.broker.start()
+
+        status = Status(self.version, http_port, self.broker.port)
+        services = self.services = Services(
+            settings=s,
+            status=status,
+            store=store,
+            keys=keys,
+            signer=signer,
+            artifacts=artifacts,
+            urls=urls,
+            outbox=outbox,
+            registry=Registry(store, keys, reports),
+            firmware=FirmwareService(store, artifacts, signer, s.max_upload_bytes),
+            jobs=JobService(store, engine),
+            engine=engine,
+            admin_token_hash=admin_hash,
+        )
+        self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._http_sock).start()
+
+        engine.start()
+        write_private(self.data_dir / "ports.json", json.dumps({"http": http_port, "mqtt": status.mqtt_port}).encode())
+        status.ready.set()
+        log.info(
+            "otabox %s ready: HTTP %s, MQTT port %s, data in %s",
+            self.version,
+            urls.public_url,
+            status.mqtt_port,
+            self.data_dir,
+        )
+
+    async def _admin_token(self, store: Store) -> str:
+        env_token = self.env.get("OTABOX_ADMIN_TOKEN", "").strip()
+        if env_token:
+            await store.set_kv(ADMIN_TOKEN_KEY, hash_token(env_token))
+            return hash_token(env_token)
+        stored = await store.get_kv(ADMIN_TOKEN_KEY)
+        if stored:
+            return stored
+        token = new_token()
+        await store.set_kv(ADMIN_TOKEN_KEY, hash_token(token))
+        self.printed_token = token
+        return hash_token(token)
+
+    async def stop(self) -> None:
+        """Stop everything that was started, in reverse order. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.services is not None:
+            self.services.status.ready.clear()
+        if self.engine is not None:
+            await self.engine.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http_sock is not None:
+            self._http_sock.close()
+        if self.broker is not None:
+            try:
+                await self.broker.shutdown()
+            except Exception:
+                log.exception("broker shutdown failed")
+        if self.store is not None:
+            await self.store.close()
+        log.info("otabox stopped")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _default_public_url(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+        log.warning("fileUrls will use %s; set --public-url to the address devices reach", host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the process exit code."""
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    if app.printed_token:
+        print(f"Admin token (shown once, only its hash is stored): {app.printed_token}", flush=True)
+    print(
+        f"otabox {app.version}: HTTP {app.public_url} (port {app.http_port}), MQTT port {app.mqtt_port},"
+        f" data {app.data_dir}",
+        flush=True,
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await app.stop()
+    return 0

@@ -1,0 +1,87 @@
+"""Products and devices endpoints of the management API."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from otabox.errors import BadRequest
+from otabox.jobspec import parse_tag
+from otabox.server import present
+from otabox.server.http.plumbing import API_PREFIX, json_response, listing, page, read_json, services
+
+# Room for MAX_IMPORT_ROWS rows with long keys, secrets and a few tags; the app-wide
+# client_max_size (1 MiB) would refuse an import of about 20,000 devices.
+MAX_IMPORT_BYTES = 64 * 1024**2
+
+
+def _bool(value: str, field: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise BadRequest(f"{field} must be true or false")
+
+
+async def create_product(request: web.Request) -> web.Response:
+    product = await services(request).registry.create_product(await read_json(request))
+    return json_response(present.product(product), status=201)
+
+
+async def list_products(request: web.Request) -> web.Response:
+    p = page(request)
+    items, total = await services(request).store.list_products(p.limit, p.offset)
+    return listing([present.product(x) for x in items], total)
+
+
+async def get_product(request: web.Request) -> web.Response:
+    return json_response(present.product(await services(request).registry.product(request.match_info["pk"])))
+
+
+async def create_device(request: web.Request) -> web.Response:
+    device, secret = await services(request).registry.create_device(request.match_info["pk"], await read_json(request))
+    return json_response({**present.device(device), "deviceSecret": secret}, status=201)
+
+
+async def import_devices(request: web.Request) -> web.Response:
+    """CSV (deviceKey,deviceSecret,<tag columns>...) or a JSON list; per-row results."""
+    svc = services(request)
+    await svc.registry.product(request.match_info["pk"])
+    text = await request.clone(client_max_size=MAX_IMPORT_BYTES).text()
+    result = await svc.registry.import_devices(request.match_info["pk"], text, request.content_type)
+    return json_response(result)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    svc = services(request)
+    pk = (await svc.registry.product(request.match_info["pk"])).product_key
+    p = page(request)
+    q = request.query
+    tags = {}
+    for tag in q.getall("tag", []):
+        try:
+            k, v = parse_tag(tag)
+        except ValueError as exc:
+            raise BadRequest("tag must be given as key:value") from exc
+        tags[k] = v
+    online = _bool(q["online"], "online") if q.get("online") else None
+    items, total = await svc.store.list_devices(
+        pk, version=q.get("version") or None, tags=tags, online=online, limit=p.limit, offset=p.offset
+    )
+    return listing([present.device(d) for d in items], total)
+
+
+async def get_device(request: web.Request) -> web.Response:
+    svc = services(request)
+    device = await svc.registry.device(request.match_info["pk"], request.match_info["dk"])
+    task = await svc.store.active_task(device.product_key, device.device_key)
+    return json_response({**present.device(device), "currentTask": present.task(task) if task else None})
+
+
+def add_routes(web_app: web.Application) -> None:
+    r = web_app.router
+    p = API_PREFIX
+    r.add_post(f"{p}/products", create_product)
+    r.add_get(f"{p}/products", list_products)
+    r.add_get(f"{p}/products/{{pk}}", get_product)
+    r.add_post(f"{p}/products/{{pk}}/devices", create_device)
+    r.add_post(f"{p}/products/{{pk}}/devices:import", import_devices)
+    r.add_get(f"{p}/products/{{pk}}/devices", list_devices)
+    r.add_get(f"{p}/products/{{pk}}/devices/{{dk}}", get_device)

@@ -1,0 +1,36 @@
+"""The aiohttp application: middlewares, /healthz, downloads, the API routes and the console."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from otabox.server.http import api_firmware, api_jobs, api_registry, console, downloads
+from otabox.server.http.plumbing import SERVICES, auth_middleware, error_middleware, services
+from otabox.server.services import Services
+
+
+async def healthz(request: web.Request) -> web.Response:
+    svc = services(request)
+    if not svc.status.ready.is_set():
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": svc.status.version,
+            "mqttPort": svc.status.mqtt_port,
+            "httpPort": svc.status.http_port,
+            "devicesConnected": svc.outbox.connected_count(),
+        }
+    )
+
+
+def build_app(svc: Services) -> web.Application:
+    web_app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
+    web_app[SERVICES] = svc
+    web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/firmware/{id}/{file}", downloads.download)
+    api_registry.add_routes(web_app)
+    api_firmware.add_routes(web_app)
+    api_jobs.add_routes(web_app)
+    console.setup(web_app)
+    return web_app

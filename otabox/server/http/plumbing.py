@@ -1,0 +1,118 @@
+"""HTTP plumbing shared by every route: the services key, error and auth middleware, request parsing.
+
+May import `otabox.server.services` and the pure modules; the API and console modules import it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from otabox.errors import BadRequest, OtaboxError, Unauthorized
+from otabox.models import parse_iso
+from otabox.server.keys import hash_token
+from otabox.server.services import Services
+
+log = logging.getLogger(__name__)
+
+SERVICES: web.AppKey[Services] = web.AppKey("otabox", Services)
+API_PREFIX = "/api/v1"
+MAX_PAGE = 1000
+
+
+def services(request: web.Request) -> Services:
+    return request.config_dict[SERVICES]
+
+
+def parse_time(value: Any, field: str) -> float:
+    """ISO 8601 (naive = UTC) -> epoch seconds. Raises BadRequest naming the field."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be an ISO 8601 time string")
+    try:
+        return parse_iso(value)
+    except ValueError as exc:
+        raise BadRequest(f"{field} is not an ISO 8601 time: {value!r}") from exc
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """`data` is already presented (`present.py`): plain JSON values only."""
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, ensure_ascii=False))
+
+
+def error_response(exc: OtaboxError) -> web.Response:
+    return web.json_response(exc.to_json(), status=exc.status)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object. Raises BadRequest."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    limit: int
+    offset: int
+
+
+def page(request: web.Request) -> Page:
+    try:
+        limit = int(request.query.get("limit", "100"))
+        offset = int(request.query.get("offset", "0"))
+    except ValueError as exc:
+        raise BadRequest("limit and offset must be integers") from exc
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+    if offset < 0:
+        raise BadRequest("offset must not be negative")
+    return Page(limit, offset)
+
+
+def listing(items: list[Any], total: int) -> web.Response:
+    return json_response({"items": items, "total": total})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        result: web.StreamResponse = await handler(request)
+        return result
+    except OtaboxError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status, "http-error")
+        err = OtaboxError(exc.reason, code=slug)
+        return web.json_response(err.to_json(), status=exc.status)
+    except ConnectionError as exc:
+        # A client that drops a download is routine (devices resume with Range).
+        log.info("client went away during %s %s: %r", request.method, request.path, exc)
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(OtaboxError("internal server error"))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith(API_PREFIX + "/"):
+        svc = request.app[SERVICES]
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(hash_token(token.strip()), svc.admin_token_hash):
+            raise Unauthorized("invalid token")
+    result: web.StreamResponse = await handler(request)
+    return result

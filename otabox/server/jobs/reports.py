@@ -1,0 +1,151 @@
+"""What devices report, as the job engine hears it: connects, versions, progress, requests, replies.
+
+`DeviceReports` implements `otabox.server.mqtt.device_hooks.JobHooks`; it changes tasks through
+the engine's primitives so a device report and a tick decide by the same rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from otabox import protocol, rollout
+from otabox.models import IN_FLIGHT, EventKind, Job, JobMode, JobPolicy, JobStatus, JobType, TaskState
+from otabox.server.jobs.engine import JobEngine
+from otabox.server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class DeviceReports:
+    def __init__(self, engine: JobEngine, store: Store) -> None:
+        self.engine = engine
+        self.store = store
+
+    async def on_connected(self, product_key: str, device_key: str) -> None:
+        if not await self.engine.live():
+            return
+        task = await self.store.active_task(product_key, device_key)
+        if task is not None and task.status == TaskState.PUBLISHED:
+            job = await self.store.get_job(task.job_id)
+            if job and job.status in (JobStatus.RUNNING, JobStatus.PAUSED) and job.spec.mode == JobMode.PUSH:
+                # It may have missed the push while offline (or mid-way): the store says it is owed one.
+                self.engine.send_upgrade(job, await self.engine.firmware(job.firmware_id), device_key)
+        self.engine.kick()
+
+    async def on_inform(self, product_key: str, device_key: str, version: str) -> None:
+        if not await self.engine.live():
+            return
+        task = await self.store.active_task(product_key, device_key)
+        if task is None:
+            await self.join_incremental(product_key, device_key)
+            return
+        if task.status == TaskState.PENDING:
+            if version == task.to_version:
+                await self.engine.finish(
+                    task, TaskState.SUCCEEDED, desc=f"already running {version}", expect=(TaskState.PENDING,)
+                )
+            return
+        outcome = rollout.inform_outcome(version, task.from_version, task.to_version)
+        if outcome is None:
+            return
+        status, desc = outcome
+        if status == TaskState.SUCCEEDED:
+            await self.engine.finish(task, TaskState.SUCCEEDED, desc=desc)
+        else:
+            await self.engine.fail(task, None, desc)
+
+    async def on_progress(self, product_key: str, device_key: str, step: int, desc: str | None) -> int:
+        task = await self.store.active_task(product_key, device_key)
+        if task is None or task.status not in IN_FLIGHT:
+            return protocol.CODE_NOT_FOUND
+        if step < 0:
+            await self.engine.fail(task, step, desc or rollout.step_label(step))
+            return protocol.CODE_OK
+        job = await self.store.get_job(task.job_id)
+        timeout = job.spec.timeout_seconds if job else 7200.0
+        now = time.time()
+        if task.status == TaskState.PUBLISHED:
+            # The first progress report is the device's confirmation; the timeout restarts.
+            await self.store.transition(
+                task.job_id,
+                product_key,
+                device_key,
+                expect=(TaskState.PUBLISHED,),
+                status=TaskState.UPGRADING,
+                upgrading_at=now,
+                due_at=now + timeout,
+                progress=step,
+                step=step,
+                desc=desc,
+            )
+        else:
+            best = max(step, task.progress or 0)
+            await self.store.transition(
+                task.job_id,
+                product_key,
+                device_key,
+                kind=EventKind.PROGRESS,
+                expect=(TaskState.UPGRADING,),
+                progress=best,
+                step=best,
+                desc=desc,
+            )
+        return protocol.CODE_OK
+
+    async def offers(self, product_key: str, device_key: str) -> list[dict[str, Any]]:
+        task = await self.store.active_task(product_key, device_key)
+        if task is None:
+            return []
+        job = await self.store.get_job(task.job_id)
+        if job is None or job.status != JobStatus.RUNNING or job.spec.mode != JobMode.REQUEST:
+            return []
+        now = time.time()
+        if not rollout.window_open(job.spec.schedule, now):
+            return []
+        fw = await self.engine.firmware(job.firmware_id)
+        if task.status == TaskState.PENDING:
+            if job.spec.waves and task.wave > max(1, job.current_wave):
+                return []
+            if not await self.engine.claim_offer(job, device_key, now):
+                return []
+        return [self.engine.offer(job, fw, device_key)]
+
+    async def on_upgrade_reply(self, product_key: str, device_key: str, code: int, message: str | None) -> None:
+        if code == protocol.CODE_OK:
+            return
+        task = await self.store.active_task(product_key, device_key)
+        if task is not None and task.status in IN_FLIGHT:
+            await self.engine.fail(task, None, message or f"device refused the upgrade (code {code})")
+
+    # ------------------------------------------------------------ incremental jobs
+
+    async def incremental_jobs(self, product_key: str) -> list[Job]:
+        return [
+            j
+            for j in await self.engine.live()
+            if j.product_key == product_key and j.spec.policy == JobPolicy.INCREMENTAL and j.type == JobType.UPGRADE
+        ]
+
+    async def devices_created(self, product_key: str, device_keys: Sequence[str]) -> None:
+        """Devices were registered: incremental jobs whose scope they match pick them up."""
+        if not await self.incremental_jobs(product_key):
+            return  # the common case, and one query for a whole import
+        for dk in device_keys:
+            await self.join_incremental(product_key, dk)
+
+    async def join_incremental(self, product_key: str, device_key: str) -> None:
+        """A device that newly matches an incremental job's scope joins it (last wave)."""
+        jobs = await self.incremental_jobs(product_key)
+        device = await self.store.get_device(product_key, device_key) if jobs else None
+        if device is None:
+            return
+        for job in jobs:
+            if rollout.in_scope(device, job.spec.scope, job.to_version):
+                wave = len(job.spec.waves)
+                if await self.store.add_job_task(job, device_key, device.version, wave):
+                    log.info("device %s/%s joined incremental job %s", product_key, device_key, job.id)
+                    self.engine.kick()
+                return

@@ -1,0 +1,158 @@
+"""Job operations shared by the API, the console and (through the API) the CLI: create, pause,
+resume, cancel, cancel or retry tasks. Business rules live here, not in HTTP handlers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from otabox import jobspec, rollout
+from otabox.errors import BadRequest, Conflict, NotFound
+from otabox.models import (
+    ACTIVE,
+    JOB_DONE,
+    FirmwareStatus,
+    Job,
+    JobStatus,
+    JobType,
+    PauseCause,
+    TaskState,
+)
+from otabox.server.jobs.engine import JobEngine
+from otabox.server.store import Store
+
+
+class JobService:
+    def __init__(self, store: Store, engine: JobEngine) -> None:
+        self.store = store
+        self.engine = engine
+
+    async def get(self, job_id: str) -> Job:
+        """Raises NotFound."""
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    async def create(self, body: Mapping[str, Any]) -> Job:
+        """Validate a POST /jobs body and create the job. Raises BadRequest, NotFound or Conflict."""
+        spec = jobspec.validate(body)
+        fw_id = body.get("firmwareId")
+        if not isinstance(fw_id, str):
+            raise BadRequest("firmwareId is required")
+        fw = await self.store.get_firmware(fw_id)
+        if fw is None:
+            raise NotFound(f"firmware {fw_id!r} not found")
+        jtype = JobType(body.get("type", JobType.UPGRADE))
+        if jtype == JobType.UPGRADE and fw.enable_verification and fw.status != FirmwareStatus.VERIFIED:
+            raise Conflict("firmware must be verified first (enableVerification is on)", code="unverified")
+        name = body.get("name") or f"{jtype} {fw.name} {fw.version}"
+        if not isinstance(name, str) or len(name) > 200:
+            raise BadRequest("name must be a string of at most 200 characters")
+        devices, busy = await self.store.scope_devices(fw.product_key, spec.scope, fw.version)
+        if jtype == JobType.VERIFY:
+            known = {d.device_key for d in devices}
+            missing = [k for k in spec.scope.device_keys if k not in known]
+            if missing:
+                raise Conflict(
+                    f"devices not found, busy or already on {fw.version}: {', '.join(missing)}",
+                    code="devices-unavailable",
+                )
+        waves = rollout.assign_waves(len(devices), spec.waves)
+        now = time.time()
+        start = spec.schedule.start
+        scheduled = start is not None and start > now
+        job = Job(
+            id="job-" + uuid.uuid4().hex[:12],
+            name=name,
+            type=jtype,
+            firmware_id=fw.id,
+            product_key=fw.product_key,
+            to_version=fw.version,
+            status=JobStatus.SCHEDULED if scheduled else JobStatus.RUNNING,
+            status_reason="",
+            pause_cause=PauseCause.NONE,
+            current_wave=1 if spec.waves else 0,
+            skipped=busy,
+            created_at=now,
+            started_at=None if scheduled else now,
+            finished_at=None,
+            spec=spec,
+        )
+        await self.store.create_job(job, [(d.device_key, d.version, w) for d, w in zip(devices, waves, strict=True)])
+        self.engine.jobs_changed()
+        return job
+
+    async def pause(self, job: Job) -> Job:
+        if job.status not in (JobStatus.RUNNING, JobStatus.SCHEDULED):
+            raise Conflict(f"cannot pause a {job.status} job", code="bad-state")
+        await self.store.set_job(
+            job.id, status=JobStatus.PAUSED, reason="paused by operator", pause_cause=PauseCause.OPERATOR
+        )
+        return await self._changed(job)
+
+    async def resume(self, job: Job) -> Job:
+        decision = rollout.resume(job.status, job.pause_cause, job.current_wave, len(job.spec.waves))
+        if decision is None:
+            raise Conflict(f"cannot resume a {job.status} job", code="bad-state")
+        await self.store.set_job(
+            job.id,
+            status=JobStatus.RUNNING,
+            reason="",
+            pause_cause=PauseCause.NONE,
+            current_wave=decision.wave,
+        )
+        return await self._changed(job)
+
+    async def cancel(self, job: Job) -> Job:
+        if job.status in JOB_DONE:
+            raise Conflict(f"cannot cancel a {job.status} job", code="bad-state")
+        now = time.time()
+        await self.store.set_job(job.id, status=JobStatus.CANCELED, reason="canceled by operator", finished_at=now)
+        await self.store.bulk_transition(
+            job.id, ACTIVE, None, status=TaskState.CANCELED, desc="job canceled", finished_at=now, due_at=None
+        )
+        await self.store.bulk_transition(job.id, (TaskState.FAILED,), None, retry_at=None)
+        return await self._changed(job)
+
+    async def change(self, job: Job, action: str) -> Job:
+        """pause, resume or cancel by name (the API's `POST /jobs/{id}/{action}`). Raises NotFound, Conflict."""
+        if action == "pause":
+            return await self.pause(job)
+        if action == "resume":
+            return await self.resume(job)
+        if action == "cancel":
+            return await self.cancel(job)
+        raise NotFound(f"unknown action {action!r}")
+
+    async def cancel_tasks(self, job: Job, device_keys: Sequence[str]) -> int:
+        n = await self.store.bulk_transition(
+            job.id,
+            ACTIVE,
+            device_keys,
+            status=TaskState.CANCELED,
+            desc="canceled by operator",
+            finished_at=time.time(),
+            due_at=None,
+        )
+        self.engine.jobs_changed()
+        return n
+
+    async def retry_tasks(self, job: Job, device_keys: Sequence[str]) -> int:
+        """Operator retry of finished, unsuccessful tasks; returns how many restarted. Raises Conflict."""
+        if job.status in (JobStatus.CANCELED, JobStatus.ABORTED):
+            raise Conflict(f"cannot retry tasks of a {job.status} job", code="bad-state")
+        n = 0
+        for dk in device_keys:
+            n += await self.store.retry_task(job.id, job.product_key, dk)
+        if n and job.status == JobStatus.COMPLETED:
+            await self.store.set_job(job.id, status=JobStatus.RUNNING, reason="", reopen=True)
+        self.engine.jobs_changed()
+        return n
+
+    async def _changed(self, job: Job) -> Job:
+        self.engine.jobs_changed()
+        return await self.get(job.id)

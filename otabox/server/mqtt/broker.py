@@ -1,0 +1,403 @@
+"""The embedded MQTT broker: amqtt 0.12.1 with its connection lifecycle and routing replaced.
+
+Every override below names the amqtt behaviour it replaces. amqtt is pinned exactly
+(pyproject.toml) because these methods reach into its internals. What we change:
+
+- `_client_connected`: authenticate *before* a session is looked up, created or taken
+  over (stock touched the live session first, so a wrong password could wipe it, defect a);
+  a CONNECT must arrive within `connect_timeout` (stock waited forever, defect d); a
+  previous clean session is never resumed by a clean_session=0 reconnect (stock kept the
+  old clean flag, defect c); retained messages are sent for the connecting session's own
+  subscriptions only (stock matched every client's filters, defect b, and O(filters) per
+  connect); the client id is replaced by the canonical `{pk}/{dk}` so one device has one
+  session whatever timestamp its client id carries.
+- `_message_loop` (replacing `_client_message_loop` and `_handle_message_delivery`): a
+  PUBLISH to a `$`, wildcard or foreign topic is dropped and logged and the client is
+  served on (stock stopped serving the client but left its session "connected", defect e);
+  device messages go to the application hooks instead of the broadcast queue (which scans
+  every subscription per message). One task per connection instead of five: see
+  broker_session.py, which also replaces the per-session state machine and reader loop.
+- `add_subscription` / `_del_all_subscriptions` / `_del_subscription`: topic ACL and a
+  per-session filter index (stock removed a session's subscriptions by scanning all).
+- Delivery: server -> device messages go straight to the device's handler in O(1) through
+  `outbox.Outbox` (the device does not need to subscribe; EnOS SDKs never do).
+- The message loop no longer logs `repr(self._subscriptions)` on every SUBSCRIBE.
+- Keep-alive: a client silent for 1.5 x its keep-alive is disconnected (stock's broker
+  handler ignored read timeouts, so half-open connections stayed "online" forever).
+- Will messages of devices are not published (devices may only use their own topics and
+  nobody else subscribes to them); stock broadcast them.
+
+Plugins: the broker is configured with no amqtt plugins at all; authentication and ACL are
+the methods here, so nothing depends on amqtt's plugin semantics (where a topic plugin
+returning None denies, and event hooks are fire-and-forget tasks that swallow exceptions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.codecs_amqtt import decode_packet_id, decode_string, read_or_raise
+from amqtt.contexts import Action, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
+from amqtt.mqtt.publish import PublishVariableHeader
+from amqtt.session import Session
+
+from otabox import protocol
+from otabox.server.mqtt.connection import Closed, Handler
+from otabox.server.mqtt.outbox import Outbox, publish, session_key
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_REFUSED = 0x80
+# Pending connections the kernel queues for us (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """Outcome of a device login: the device's identity, or the CONNACK code refusing it."""
+
+    product_key: str = ""
+    device_key: str = ""
+    refuse_code: int = 0  # 0 = accepted; else BAD_USERNAME_PASSWORD or NOT_AUTHORIZED
+
+
+REFUSED_BAD_CREDENTIALS = LoginResult(refuse_code=BAD_USERNAME_PASSWORD)
+REFUSED_NOT_AUTHORIZED = LoginResult(refuse_code=NOT_AUTHORIZED)
+
+
+class DeviceHooks(Protocol):
+    """What the application supplies to the broker."""
+
+    async def authenticate(
+        self, client_id: str | None, username: str | None, password: str | None, address: str
+    ) -> LoginResult: ...
+
+    async def device_connected(self, product_key: str, device_key: str) -> None: ...
+
+    async def device_disconnected(self, product_key: str, device_key: str) -> None: ...
+
+    async def device_message(self, product_key: str, device_key: str, suffix: str, payload: bytes) -> None: ...
+
+
+async def _read_publish_header(
+    cls: type[PublishVariableHeader], reader: Any, fixed_header: MQTTFixedHeader
+) -> PublishVariableHeader:
+    """Replaces PublishVariableHeader.from_stream (class-wide, this process only).
+
+    Stock raises on a wildcard topic *before* the payload is read, and its reader loop
+    then parses the payload bytes as packets (garbage, a desynchronised stream). We read
+    the whole packet first, so the bad PUBLISH is dropped and the stream stays in step.
+    """
+    topic = await decode_string(reader)
+    has_qos = (fixed_header.flags >> 1) & 0x03
+    packet_id = await decode_packet_id(reader) if has_qos else None
+    if "#" in topic or "+" in topic:
+        rest = fixed_header.remaining_length - 2 - len(topic.encode()) - (2 if has_qos else 0)
+        if rest > 0:
+            await read_or_raise(reader, rest)
+        log.warning("dropped PUBLISH to wildcard topic %r", topic)
+        raise MQTTError("[MQTT-3.3.2-2] wildcard in PUBLISH topic")
+    return cls(topic, packet_id)
+
+
+PublishVariableHeader.from_stream = classmethod(_read_publish_header)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _keep(task: asyncio.Task[Any]) -> None:
+    """Hold a reference to a fire-and-forget task and log its failure (never swallow it)."""
+    _background.add(task)
+    task.add_done_callback(_done)
+
+
+def _done(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
+
+
+class OtaBroker(Broker):
+    """amqtt Broker bound to otabox's device registry through `DeviceHooks`."""
+
+    def __init__(self, hooks: DeviceHooks, outbox: Outbox, host: str, port: int, connect_timeout: float) -> None:
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
+            # An empty dict (not None) means "load no plugins" (None would load entry points).
+            "plugins": {},
+        }
+        super().__init__(config)
+        self.hooks = hooks
+        self.outbox = outbox
+        self.connect_timeout = connect_timeout
+        self._identity: dict[str, tuple[str, str]] = {}  # session key -> (pk, dk)
+        self._session_filters: dict[str, dict[str, int]] = {}  # session key -> {filter: qos}
+        self._served: dict[str, asyncio.Future[None]] = {}  # session key -> end of its connection
+        self._closing = False
+
+    async def _create_server_instance(
+        self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
+    ) -> Any:
+        # Replaces the stock TCP listener, which used asyncio's default backlog of 100: in a
+        # connect storm the kernel dropped SYNs and clients waited 1-3 s for retransmits.
+        if listener_type == ListenerType.TCP:
+            return await asyncio.start_server(
+                partial(self.stream_connected, listener_name=listener_name),
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=LISTEN_BACKLOG,
+            )
+        return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+
+    @property
+    def port(self) -> int:
+        server = self._servers["default"].instance
+        assert server is not None
+        return int(server.sockets[0].getsockname()[1])
+
+    # ------------------------------------------------------------ connections
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        # Replaces amqtt's _client_connected/_initialize_client_session/_handle_client_session.
+        server = self._servers.get(listener_name)
+        if server is None:
+            await writer.close()
+            return
+        await server.acquire_connection()
+        try:
+            await self._serve(reader, writer)
+        except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
+            log.info("connection ended: %r", exc)
+        except Exception:
+            log.exception("unexpected error serving an MQTT connection")
+        finally:
+            server.release_connection()
+
+    async def _serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        peer = writer.get_peer_info()
+        address = peer[0] if peer else "?"
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                connected = await Handler.read_connect(reader, writer, self.plugins_manager)
+        except TimeoutError:
+            log.warning("no CONNECT from %s within %.1fs; closing", address, self.connect_timeout)
+            await writer.close()
+            return
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            log.warning("bad CONNECT from %s: %s", address, exc)
+            await writer.close()
+            return
+        if connected is None:
+            return  # refused by protocol rules; CONNACK already sent
+        handler, incoming = connected
+
+        result = await self.hooks.authenticate(incoming.client_id, incoming.username, incoming.password, address)
+        if result.refuse_code:
+            # Refused before any session is touched: a live session with this id is unaffected.
+            await ConnackPacket.build(0, result.refuse_code).to_stream(writer)
+            await writer.close()
+            return
+
+        pk, dk = result.product_key, result.device_key
+        key = session_key(pk, dk)
+        await self._take_over(key)
+        session = self._resolve_session(key, incoming)
+        # MQTT 3.1.1: the server disconnects a client silent for 1.5 x keep-alive.
+        session.keep_alive = math.ceil(incoming.keep_alive * 1.5) if incoming.keep_alive > 0 else 0
+        session.transitions.connect()
+        handler.attach(session, reader, writer)
+        self._sessions[key] = (session, handler)
+        self._identity[key] = (pk, dk)
+        served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._served[key] = served
+        try:
+            await handler.mqtt_connack_authorize(True)
+            await handler.start()
+            self.outbox.attach(key, handler)
+            await self._call_hook(self.hooks.device_connected(pk, dk))
+            await self._publish_session_retained_messages(session)
+            for topic_filter, qos in list(self._session_filters.get(key, {}).items()):
+                await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+            await self._message_loop(session, handler, pk, dk)
+        finally:
+            self.outbox.detach(key, handler)
+            if session.transitions.is_connected():
+                await self._stop_handler(handler)
+                session.transitions.disconnect()
+                await self._call_hook(self.hooks.device_disconnected(pk, dk))
+            if not served.done():
+                served.set_result(None)
+            if self._served.get(key) is served:
+                del self._served[key]
+
+    async def _take_over(self, key: str) -> None:
+        """Close the device's live connection (MQTT-3.1.4-2) and wait until it is fully gone."""
+        entry = self._sessions.get(key)
+        if entry is None or not entry[0].transitions.is_connected():
+            return
+        log.info("%s connected again; closing its previous connection", key)
+        served = self._served.get(key)
+        await entry[1].handle_connection_closed()
+        if served is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(served), 5)
+            except TimeoutError:
+                log.warning("previous connection of %s did not close in time", key)
+
+    def _resolve_session(self, key: str, incoming: Session) -> Session:
+        existing = self._sessions.get(key)
+        incoming.client_id = key
+        if existing is not None:
+            old = existing[0]
+            if not incoming.clean_session and old.clean_session is False:
+                # Resume the persistent session with the new connection's parameters.
+                old.will_flag, old.will_message = incoming.will_flag, incoming.will_message
+                old.will_topic, old.will_qos = incoming.will_topic, incoming.will_qos
+                old.will_retain = incoming.will_retain
+                old.username, old.password = incoming.username, incoming.password
+                old.remote_address, old.remote_port = incoming.remote_address, incoming.remote_port
+                old.parent = 1
+                return old
+            # A clean session (old or new) is never resumed: drop the old one entirely.
+            self._forget_session(key, old)
+        incoming.parent = 0
+        return incoming
+
+    def _forget_session(self, key: str, session: Session) -> None:
+        self._sessions.pop(key, None)
+        self._drop_filters(key)
+        session.clear_queues()
+
+    async def _message_loop(self, session: Session, handler: Handler, pk: str, dk: str) -> None:
+        # Replaces amqtt's _client_message_loop and its four waiter tasks per client (which
+        # also logged repr() of the whole subscription table on every SUBSCRIBE and stopped
+        # serving on a bad topic): this connection's own task works through its inbox.
+        inbox = handler.inbox
+        while True:
+            item = await inbox.get()
+            if isinstance(item, Closed):
+                self.outbox.detach(session.client_id or "", handler)
+                await self._stop_handler(handler)
+                session.transitions.disconnect()
+                if item.packet is None and session.will_flag:
+                    log.info("%s/%s dropped; its will message is not published (devices only)", pk, dk)
+                await self._call_hook(self.hooks.device_disconnected(pk, dk))
+                return
+            if isinstance(item, Subscription):
+                codes = [await self.add_subscription(topic, session) for topic in item.topics]
+                await handler.mqtt_acknowledge_subscription(item.packet_id, codes)
+                for (topic_filter, _), code in zip(item.topics, codes, strict=True):
+                    if code != SUBSCRIBE_REFUSED:
+                        await self._publish_retained_messages_for_subscription((topic_filter, code), session)
+            elif isinstance(item, UnSubscription):
+                for topic_filter in item.topics:
+                    self._del_subscription(topic_filter, session)
+                await handler.mqtt_acknowledge_unsubscription(item.packet_id)
+            else:
+                await self._device_publish(session, pk, dk, item)
+
+    async def _device_publish(self, session: Session, pk: str, dk: str, message: Any) -> None:
+        topic: str = message.topic or ""
+        if not protocol.topic_allowed(topic, pk, dk, is_filter=False):
+            log.warning("dropped PUBLISH from %s/%s to forbidden topic %r", pk, dk, topic)
+            return
+        data = bytes(message.data or b"")
+        if message.publish_packet is not None and message.publish_packet.retain_flag:
+            await self.retain_message(session, topic, data, message.qos)
+        suffix = topic[len(protocol.device_prefix(pk, dk)) :]
+        if suffix in protocol.DEVICE_TOPICS:
+            await self._call_hook(self.hooks.device_message(pk, dk, suffix, data))
+        # A device may subscribe to its own concrete topics: serve those from the exact index.
+        for target, qos in self._subscriptions.get(topic, ()):
+            if target.transitions.is_connected():
+                handler = self._get_handler(target)
+                if handler is not None:
+                    _keep(asyncio.create_task(publish(handler, topic, data, min(qos, message.qos or 0))))
+
+    @staticmethod
+    async def _call_hook(awaitable: Awaitable[None]) -> None:
+        try:
+            await awaitable
+        except Exception:
+            log.exception("device hook failed")
+
+    # ------------------------------------------------------------ subscriptions and ACL
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        key = session.client_id or ""
+        ident = self._identity.get(key)
+        if ident is None or not protocol.topic_allowed(topic_filter, ident[0], ident[1], is_filter=True):
+            log.warning("refused SUBSCRIBE of %s to %r", key, topic_filter)
+            return SUBSCRIBE_REFUSED
+        qos = min(max(qos, 0), 2)
+        subscribers = self._subscriptions.setdefault(topic_filter, [])
+        filters = self._session_filters.setdefault(key, {})
+        if topic_filter in filters:
+            subscribers[:] = [(s, q) for s, q in subscribers if s.client_id != key]
+        subscribers.append((session, qos))
+        filters[topic_filter] = qos
+        return qos
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        ident = self._identity.get(session.client_id or "")
+        if ident is None:
+            return False
+        return protocol.topic_allowed(topic, ident[0], ident[1], is_filter=action == Action.SUBSCRIBE)
+
+    def _drop_filters(self, key: str) -> None:
+        for topic_filter in self._session_filters.pop(key, {}):
+            subscribers = self._subscriptions.get(topic_filter)
+            if subscribers is None:
+                continue
+            subscribers[:] = [(s, q) for s, q in subscribers if s.client_id != key]
+            if not subscribers:
+                del self._subscriptions[topic_filter]
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        # Stock scans every filter in the broker; the per-session index makes this O(own filters).
+        self._drop_filters(session.client_id or "")
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        key = session.client_id or ""
+        filters = self._session_filters.get(key, {})
+        if filters.pop(a_filter, None) is None:
+            return 0
+        subscribers = self._subscriptions.get(a_filter, [])
+        subscribers[:] = [(s, q) for s, q in subscribers if s.client_id != key]
+        if not subscribers:
+            self._subscriptions.pop(a_filter, None)
+        return 1
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        # The stock session monitor picks expired sessions, then awaits between them: by
+        # then the device may have connected again, and its new session must survive.
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0].transitions.is_connected() and not self._closing:
+            return
+        await super()._cleanup_session(client_id)
+        self._identity.pop(client_id, None)
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        await super().shutdown()
+        # Stock shutdown does not wait for connection handlers to finish; ours run hooks
+        # that write to the store, which the app closes next.
+        pending = [f for f in self._served.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,117 @@
+"""Records as the API (and the export) show them: camelCase keys, ISO 8601 times. The one place for that JSON shape.
+
+Pure: used by the HTTP layer and by `otabox.export` reading a data dir.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from otabox import jobspec
+from otabox.models import TASK_STATES, Device, Event, Firmware, Job, Product, Task, TaskState, iso
+
+
+def product(p: Product) -> dict[str, Any]:
+    return {"productKey": p.product_key, "name": p.name, "createdAt": iso(p.created_at), "devices": p.devices}
+
+
+def device(d: Device) -> dict[str, Any]:
+    return {
+        "productKey": d.product_key,
+        "deviceKey": d.device_key,
+        "version": d.version,
+        "online": d.online,
+        "lastSeen": iso(d.last_seen),
+        "tags": d.tags,
+        "auth": d.auth,
+        "createdAt": iso(d.created_at),
+    }
+
+
+def firmware(fw: Firmware) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": fw.id,
+        "productKey": fw.product_key,
+        "name": fw.name,
+        "version": fw.version,
+        "desc": fw.desc,
+        "size": fw.size,
+        "md5": fw.md5,
+        "sha256": fw.sha256,
+        "signMethod": fw.sign_method,
+        "sign": fw.sign,
+        "fileName": fw.file_name,
+        "status": fw.status.value,
+        "enableVerification": fw.enable_verification,
+        "minSuccessForVerified": fw.min_success_for_verified,
+        "createdAt": iso(fw.created_at),
+    }
+    if fw.signature is not None:
+        out["signature"] = fw.signature
+    return out
+
+
+def job(j: Job, counts: dict[TaskState, int], retries_pending: int) -> dict[str, Any]:
+    full = {s.value: counts.get(s, 0) for s in TASK_STATES}
+    return {
+        "id": j.id,
+        "name": j.name,
+        "type": j.type.value,
+        "firmwareId": j.firmware_id,
+        "productKey": j.product_key,
+        "toVersion": j.to_version,
+        "status": j.status.value,
+        "statusReason": j.status_reason,
+        "currentWave": j.current_wave,
+        "skipped": j.skipped,
+        "createdAt": iso(j.created_at),
+        "startedAt": iso(j.started_at),
+        "finishedAt": iso(j.finished_at),
+        **jobspec.to_json(j.spec),
+        "counts": full,
+        "total": sum(full.values()),
+        "retriesPending": retries_pending,
+    }
+
+
+def task(t: Task) -> dict[str, Any]:
+    return {
+        "jobId": t.job_id,
+        "productKey": t.product_key,
+        "deviceKey": t.device_key,
+        "status": t.status.value,
+        "wave": t.wave,
+        "progress": t.progress,
+        "step": t.step,
+        "desc": t.desc,
+        "fromVersion": t.from_version,
+        "toVersion": t.to_version,
+        "attempt": t.attempt,
+        "dueAt": iso(t.due_at),
+        "retryAt": iso(t.retry_at),
+        "publishedAt": iso(t.published_at),
+        "upgradingAt": iso(t.upgrading_at),
+        "finishedAt": iso(t.finished_at),
+        "updatedAt": iso(t.updated_at),
+    }
+
+
+def event(e: Event) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "ts": iso(e.ts),
+        "jobId": e.job_id,
+        "jobType": e.job_type,
+        "firmwareId": e.firmware_id,
+        "productKey": e.product_key,
+        "deviceKey": e.device_key,
+        "fromVersion": e.from_version,
+        "toVersion": e.to_version,
+        "status": e.status,
+        "kind": e.kind,
+        "step": e.step,
+        "desc": e.desc,
+        "attempt": e.attempt,
+        "wave": e.wave,
+        "bytesDownloaded": e.bytes_downloaded,
+    }

@@ -1,0 +1,185 @@
+"""Products and devices: registration, bulk import and lookups, shared by the API and the console."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import secrets
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from otabox import protocol
+from otabox.errors import BadRequest, Conflict, NotFound
+from otabox.models import Device, Product
+from otabox.server.keys import Keys
+from otabox.server.store import DuplicateError, Store
+
+DEVICE_AUTH = ("sign", "plain")
+MAX_IMPORT_ROWS = 100_000
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+
+
+class Joiner(Protocol):
+    """Told about new devices (incremental jobs pick them up)."""
+
+    async def devices_created(self, product_key: str, device_keys: Sequence[str]) -> None: ...
+
+
+def check_key(value: Any, field: str) -> str:
+    if not protocol.valid_key(value):
+        raise BadRequest(f"{field} must match [A-Za-z0-9_.-]{{1,64}}")
+    return str(value)
+
+
+def check_text(value: Any, field: str, *, required: bool = True, max_len: int = 256) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()) or len(value) > max_len:
+        raise BadRequest(f"{field} must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+def check_tags(value: Any, field: str = "tags") -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str | int | float) and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        raise BadRequest(f"{field} must be an object of string keys to string values")
+    return {k: str(v) for k, v in value.items()}
+
+
+def new_secret(value: Any = None) -> str:
+    if value is None:
+        # Letters and digits only: a secret starting with "-" reads as an option on command lines.
+        return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(32))
+    if not isinstance(value, str) or not 8 <= len(value) <= 128 or not value.isprintable():
+        raise BadRequest("deviceSecret must be 8-128 printable characters")
+    return value
+
+
+def _auth(value: Any) -> str:
+    if value not in DEVICE_AUTH:
+        raise BadRequest("auth must be 'sign' or 'plain'")
+    return str(value)
+
+
+def import_rows(text: str, content_type: str) -> list[dict[str, Any]]:
+    """A CSV (deviceKey,deviceSecret,<tag columns>...) or JSON list body -> row dicts."""
+    # Spreadsheets save "CSV UTF-8" with a byte order mark; left in, it hides the header.
+    text = text.removeprefix("\ufeff")
+    if "json" in content_type or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from exc
+        if not isinstance(data, list):
+            raise BadRequest("JSON import body must be a list of devices")
+        return [row if isinstance(row, dict) else {"_invalid": row} for row in data]
+    reader = csv.reader(io.StringIO(text))
+    rows = [r for r in reader if any(cell.strip() for cell in r)]
+    if not rows:
+        return []
+    header = [h.strip() for h in rows[0]]
+    if not header or header[0] != "deviceKey":
+        # No header: columns are deviceKey, deviceSecret.
+        header = ["deviceKey", "deviceSecret"]
+    else:
+        rows = rows[1:]
+    out = []
+    for r in rows:
+        item: dict[str, Any] = {"tags": {}}
+        for name, cell in zip(header, r, strict=False):
+            cell = cell.strip()
+            if name in ("deviceKey", "deviceSecret", "auth"):
+                if cell:
+                    item[name] = cell
+            elif name and cell:
+                # Any further column is a tag; a "tag:" prefix is accepted and dropped.
+                item["tags"][name.removeprefix("tag:")] = cell
+        out.append(item)
+    return out
+
+
+class Registry:
+    def __init__(self, store: Store, keys: Keys, joiner: Joiner) -> None:
+        self.store = store
+        self.keys = keys
+        self.joiner = joiner
+
+    async def product(self, product_key: str) -> Product:
+        """Raises NotFound."""
+        product = await self.store.get_product(product_key)
+        if product is None:
+            raise NotFound(f"product {product_key!r} not found")
+        return product
+
+    async def device(self, product_key: str, device_key: str) -> Device:
+        """Raises NotFound."""
+        device = await self.store.get_device(product_key, device_key)
+        if device is None:
+            raise NotFound(f"device {device_key!r} not found in {product_key!r}")
+        return device
+
+    async def create_product(self, body: Mapping[str, Any]) -> Product:
+        pk = check_key(body.get("productKey"), "productKey")
+        name = check_text(body.get("name", pk), "name")
+        try:
+            return await self.store.create_product(pk, name)
+        except DuplicateError as exc:
+            raise Conflict(f"product {pk!r} already exists", code="duplicate") from exc
+
+    async def create_device(self, product_key: str, body: Mapping[str, Any]) -> tuple[Device, str]:
+        """Register one device; returns it with its secret (shown once). Raises BadRequest, NotFound, Conflict."""
+        await self.product(product_key)
+        dk = check_key(body.get("deviceKey"), "deviceKey")
+        secret = new_secret(body.get("deviceSecret"))
+        tags = check_tags(body.get("tags"))
+        auth = _auth(body.get("auth", "sign"))
+        try:
+            await self.store.create_devices(product_key, [(dk, self.keys.encrypt(secret), auth, tags)])
+        except DuplicateError as exc:
+            raise Conflict(f"device {dk!r} already exists in {product_key!r}", code="duplicate") from exc
+        await self.joiner.devices_created(product_key, [dk])
+        return await self.device(product_key, dk), secret
+
+    async def import_devices(self, product_key: str, text: str, content_type: str) -> dict[str, Any]:
+        """Bulk import; valid rows are created even when others are rejected. Per-row results."""
+        await self.product(product_key)
+        rows = import_rows(text, content_type)
+        if len(rows) > MAX_IMPORT_ROWS:
+            raise BadRequest(f"at most {MAX_IMPORT_ROWS} devices per import")
+        rejected: list[dict[str, Any]] = []
+        accepted: list[tuple[int, str, str, str, dict[str, str]]] = []
+        seen: set[str] = set()
+        for i, row in enumerate(rows, start=1):
+            try:
+                if "_invalid" in row:
+                    raise BadRequest("row must be an object")
+                dk = check_key(row.get("deviceKey"), "deviceKey")
+                if dk in seen:
+                    raise BadRequest("deviceKey appears twice in this import")
+                secret = new_secret(row.get("deviceSecret"))
+                accepted.append((i, dk, secret, _auth(row.get("auth", "sign")), check_tags(row.get("tags"))))
+                seen.add(dk)
+            except BadRequest as exc:
+                rejected.append({"row": i, "deviceKey": row.get("deviceKey"), "reason": exc.message})
+        existing = await self.store.existing_device_keys(product_key, [a[1] for a in accepted])
+        to_create = []
+        for i, dk, secret, auth, tags in accepted:
+            if dk in existing:
+                rejected.append({"row": i, "deviceKey": dk, "reason": "device already exists"})
+            else:
+                to_create.append((i, dk, secret, auth, tags))
+        await self.store.create_devices(product_key, [(dk, self.keys.encrypt(s), a, t) for _, dk, s, a, t in to_create])
+        await self.joiner.devices_created(product_key, [dk for _, dk, *_rest in to_create])
+        rejected.sort(key=lambda r: r["row"])
+        return {
+            "created": len(to_create),
+            "rejected": len(rejected),
+            "errors": rejected,
+            "devices": [{"deviceKey": dk, "deviceSecret": s} for _, dk, s, _a, _t in to_create],
+        }

@@ -1,0 +1,47 @@
+"""The typed services object the HTTP layer (API and console) sees instead of the whole process.
+
+Built by `server.app` in dependency order once every part exists; handlers reach it as
+`request.app[SERVICES]`. Business rules live in the services it holds, never in handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from otabox.server.artifacts import Artifacts
+from otabox.server.firmware import FirmwareService
+from otabox.server.jobs.engine import JobEngine
+from otabox.server.jobs.service import JobService
+from otabox.server.keys import FileUrls, Keys, Signer
+from otabox.server.mqtt.outbox import Outbox
+from otabox.server.registry import Registry
+from otabox.server.settings import Settings
+from otabox.server.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What /healthz tells: the version, the bound ports and whether start-up finished."""
+
+    version: str
+    http_port: int
+    mqtt_port: int
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    status: Status
+    store: Store
+    keys: Keys
+    signer: Signer | None
+    artifacts: Artifacts
+    urls: FileUrls
+    outbox: Outbox
+    registry: Registry
+    firmware: FirmwareService
+    jobs: JobService
+    engine: JobEngine
+    admin_token_hash: str

@@ -1,0 +1,21 @@
+"""The store: all SQL of the server, one module per noun over one connection (`base.py`).
+
+`Store` is the union of the per-noun SQL classes; records come back as `otabox.models`
+dataclasses built in `rows.py`; the schema is `migrations.py`. May import `otabox.models`,
+`otabox.jobspec` and aiosqlite — nothing of the MQTT, jobs or HTTP layers.
+"""
+
+from __future__ import annotations
+
+from otabox.server.store.base import DuplicateError
+from otabox.server.store.events import EventSQL
+from otabox.server.store.firmware import FirmwareSQL
+from otabox.server.store.jobs import JobSQL
+from otabox.server.store.registry import RegistrySQL
+from otabox.server.store.tasks import TaskSQL
+
+__all__ = ["DuplicateError", "Store"]
+
+
+class Store(RegistrySQL, FirmwareSQL, JobSQL, TaskSQL, EventSQL):
+    """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""

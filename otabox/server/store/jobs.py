@@ -1,0 +1,172 @@
+"""SQL of jobs and of the devices a job's scope selects."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from otabox import jobspec
+from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobStatus, PauseCause, Scope, TaskState, sql_list
+from otabox.server.store import rows
+from otabox.server.store.base import StoreBase
+from otabox.server.store.tasks import insert_tasks
+
+_BUSY = (
+    "EXISTS (SELECT 1 FROM tasks t WHERE t.product_key = d.product_key AND t.device_key = d.device_key"
+    f" AND t.status IN {sql_list(ACTIVE)})"
+)
+
+
+class JobSQL(StoreBase):
+    async def create_job(self, job: Job, tasks: Sequence[tuple[str, str | None, int]]) -> None:
+        """Insert a job and its pending tasks (deviceKey, fromVersion, wave) with their events."""
+        now = time.time()
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO jobs (id, name, type, firmware_id, product_key, to_version, status, status_reason,"
+                " pause_cause, spec, current_wave, skipped, created_at, started_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.name,
+                    job.type,
+                    job.firmware_id,
+                    job.product_key,
+                    job.to_version,
+                    job.status,
+                    job.status_reason,
+                    job.pause_cause,
+                    json.dumps(jobspec.to_json(job.spec)),
+                    job.current_wave,
+                    job.skipped,
+                    job.created_at,
+                    job.started_at,
+                    now,
+                ),
+            )
+            insert_tasks(db, job.id, job.product_key, job.to_version, tasks, now)
+
+        await self.batched(op)
+
+    async def add_job_task(self, job: Job, dk: str, from_version: str | None, wave: int) -> bool:
+        """Add one device to a running incremental job; False when it already has an active task."""
+        now = time.time()
+        try:
+            await self.batched(
+                lambda db: insert_tasks(db, job.id, job.product_key, job.to_version, [(dk, from_version, wave)], now)
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows.job(row) if row else None
+
+    async def list_jobs(self, statuses: Sequence[JobStatus], limit: int, offset: int) -> tuple[list[Job], int]:
+        """Jobs in any of `statuses` (all when empty), newest first, with the total."""
+        where = f"WHERE status IN ({','.join('?' * len(statuses))})" if statuses else ""
+        found = await self._all(
+            f"SELECT * FROM jobs {where} ORDER BY created_at DESC LIMIT ? OFFSET ?", (*statuses, limit, offset)
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM jobs {where}", tuple(statuses))
+        return [rows.job(r) for r in found], total["n"] if total else 0
+
+    async def live_jobs(self) -> list[Job]:
+        """Jobs the job engine drives (few: indexed by status)."""
+        found = await self._all(f"SELECT * FROM jobs WHERE status IN {sql_list(LIVE_JOBS)} ORDER BY created_at")
+        return [rows.job(r) for r in found]
+
+    async def set_job(
+        self,
+        job_id: str,
+        *,
+        status: JobStatus | None = None,
+        reason: str | None = None,
+        pause_cause: PauseCause | None = None,
+        current_wave: int | None = None,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        reopen: bool = False,
+    ) -> None:
+        """Change a job's row; `reopen` clears finished_at (an operator retry of a completed job)."""
+        fields: dict[str, Any] = {
+            "status": status,
+            "status_reason": reason,
+            "pause_cause": pause_cause,
+            "current_wave": current_wave,
+            "started_at": started_at,
+            "finished_at": finished_at,
+        }
+        changes = {k: v for k, v in fields.items() if v is not None}
+        sets = [f"{k} = ?" for k in changes] + (["finished_at = NULL"] if reopen else [])
+        await self._write(
+            f"UPDATE jobs SET {', '.join(sets)}, updated_at = ? WHERE id = ?", (*changes.values(), time.time(), job_id)
+        )
+
+    async def job_counts(self, job_id: str, wave: int | None = None) -> dict[TaskState, int]:
+        if wave is None:
+            found = await self._all(
+                "SELECT status, COUNT(*) AS n FROM tasks WHERE job_id = ? GROUP BY status", (job_id,)
+            )
+        else:
+            found = await self._all(
+                "SELECT status, COUNT(*) AS n FROM tasks WHERE job_id = ? AND wave = ? GROUP BY status",
+                (job_id, wave),
+            )
+        return {TaskState(r["status"]): r["n"] for r in found}
+
+    async def wave_counts(self, job_id: str) -> dict[int, dict[TaskState, int]]:
+        """Task counts per wave and state: {wave: {status: n}}."""
+        found = await self._all(
+            "SELECT wave, status, COUNT(*) AS n FROM tasks WHERE job_id = ? GROUP BY wave, status", (job_id,)
+        )
+        out: dict[int, dict[TaskState, int]] = {}
+        for r in found:
+            out.setdefault(r["wave"], {})[TaskState(r["status"])] = r["n"]
+        return out
+
+    async def retries_pending(self, job_id: str) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND status = ? AND retry_at IS NOT NULL",
+            (job_id, TaskState.FAILED),
+        )
+        return row["n"] if row else 0
+
+    async def jobs_using_firmware(self, firmware_id: str) -> list[str]:
+        found = await self._all(
+            f"SELECT id FROM jobs WHERE firmware_id = ? AND status IN {sql_list(LIVE_JOBS)}", (firmware_id,)
+        )
+        return [r["id"] for r in found]
+
+    async def succeeded_count(self, job_id: str) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND status = ?", (job_id, TaskState.SUCCEEDED)
+        )
+        return row["n"] if row else 0
+
+    # ------------------------------------------------------------ scope
+
+    async def scope_devices(self, pk: str, scope: Scope, to_version: str) -> tuple[list[Device], int]:
+        """Devices matching a job scope that have no active task anywhere, and how many are busy."""
+        where = ["d.product_key = ?", "(d.version IS NULL OR d.version != ?)"]
+        params: list[Any] = [pk, to_version]
+        if scope.version_numbers:
+            where.append(f"d.version IN ({','.join('?' * len(scope.version_numbers))})")
+            params.extend(scope.version_numbers)
+        if scope.device_keys:
+            where.append(f"d.device_key IN ({','.join('?' * len(scope.device_keys))})")
+            params.extend(scope.device_keys)
+        for k, values in scope.tags.items():
+            where.append(f"json_extract(d.tags, ?) IN ({','.join('?' * len(values))})")
+            params.extend([f'$."{k}"', *values])
+        clause = " AND ".join(where)
+        found = await self._all(
+            f"SELECT d.* FROM devices d WHERE {clause} AND NOT {_BUSY} ORDER BY d.device_key", params
+        )
+        n_busy = await self._one(f"SELECT COUNT(*) AS n FROM devices d WHERE {clause} AND {_BUSY}", params)
+        return [rows.device(r) for r in found], n_busy["n"] if n_busy else 0

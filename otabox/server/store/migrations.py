@@ -1,0 +1,139 @@
+"""The database schema: named migrations, applied in order once each (`StoreBase.migrate`).
+
+A migration is never edited after it shipped: a change to the schema is a new entry at the end.
+"""
+
+from __future__ import annotations
+
+MIGRATION_JOBS = (
+    "0002_jobs",
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        type TEXT NOT NULL,
+        firmware_id TEXT NOT NULL,
+        product_key TEXT NOT NULL,
+        to_version TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT NOT NULL DEFAULT '',
+        spec TEXT NOT NULL,
+        current_wave INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_status ON jobs(status);
+    CREATE TABLE tasks (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        product_key TEXT NOT NULL,
+        device_key TEXT NOT NULL,
+        status TEXT NOT NULL,
+        wave INTEGER NOT NULL DEFAULT 0,
+        progress INTEGER,
+        step INTEGER,
+        desc TEXT,
+        from_version TEXT,
+        to_version TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        due_at REAL,
+        retry_at REAL,
+        published_at REAL,
+        upgrading_at REAL,
+        finished_at REAL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (job_id, product_key, device_key)
+    );
+    CREATE UNIQUE INDEX tasks_one_active ON tasks(product_key, device_key)
+        WHERE status IN ('pending', 'published', 'upgrading');
+    CREATE INDEX tasks_job_status ON tasks(job_id, status, wave, device_key);
+    CREATE INDEX tasks_due ON tasks(due_at) WHERE due_at IS NOT NULL;
+    CREATE INDEX tasks_retry ON tasks(retry_at) WHERE retry_at IS NOT NULL;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        job_id TEXT NOT NULL,
+        job_type TEXT NOT NULL,
+        firmware_id TEXT NOT NULL,
+        product_key TEXT NOT NULL,
+        device_key TEXT NOT NULL,
+        from_version TEXT,
+        to_version TEXT,
+        status TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        step INTEGER,
+        desc TEXT,
+        attempt INTEGER NOT NULL,
+        wave INTEGER,
+        bytes_downloaded INTEGER
+    );
+    CREATE INDEX events_job ON events(job_id, seq);
+    CREATE INDEX events_ts ON events(ts);
+    """,
+)
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE products (
+            product_key TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE devices (
+            product_key TEXT NOT NULL REFERENCES products(product_key),
+            device_key TEXT NOT NULL,
+            secret_enc TEXT NOT NULL,
+            auth TEXT NOT NULL DEFAULT 'sign',
+            version TEXT,
+            online INTEGER NOT NULL DEFAULT 0,
+            last_seen REAL,
+            tags TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            PRIMARY KEY (product_key, device_key)
+        );
+        CREATE INDEX devices_version ON devices(product_key, version);
+        CREATE TABLE firmware (
+            id TEXT PRIMARY KEY,
+            product_key TEXT NOT NULL REFERENCES products(product_key),
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            desc TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL,
+            md5 TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            sign_method TEXT NOT NULL,
+            file_name TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'unverified',
+            enable_verification INTEGER NOT NULL DEFAULT 0,
+            min_success_for_verified INTEGER NOT NULL DEFAULT 1,
+            created_at REAL NOT NULL,
+            UNIQUE (product_key, name),
+            UNIQUE (product_key, version)
+        );
+        CREATE TABLE downloads (
+            product_key TEXT NOT NULL,
+            device_key TEXT NOT NULL,
+            firmware_id TEXT NOT NULL,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (product_key, device_key, firmware_id)
+        );
+        """,
+    ),
+    MIGRATION_JOBS,
+    ("0003_firmware_signature", "ALTER TABLE firmware ADD COLUMN signature TEXT"),
+    (
+        "0004_job_pause_cause",
+        """
+        ALTER TABLE jobs ADD COLUMN pause_cause TEXT NOT NULL DEFAULT '';
+        UPDATE jobs SET pause_cause = CASE WHEN status_reason LIKE 'wave %' THEN 'waveGate' ELSE 'operator' END
+            WHERE status = 'paused'
+        """,
+    ),
+]

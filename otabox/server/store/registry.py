@@ -1,0 +1,138 @@
+"""SQL of the device registry: products and devices."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from otabox.models import Device, Product
+from otabox.server.store import rows
+from otabox.server.store.base import DuplicateError, StoreBase
+
+_PRODUCT = "SELECT p.*, (SELECT COUNT(*) FROM devices d WHERE d.product_key = p.product_key) AS devices FROM products p"
+
+
+class RegistrySQL(StoreBase):
+    # ------------------------------------------------------------ products
+
+    async def create_product(self, product_key: str, name: str) -> Product:
+        """Raises DuplicateError when the product exists."""
+        now = time.time()
+        await self._write(
+            "INSERT INTO products (product_key, name, created_at) VALUES (?, ?, ?)", (product_key, name, now)
+        )
+        return Product(product_key, name, now, 0)
+
+    async def get_product(self, product_key: str) -> Product | None:
+        row = await self._one(f"{_PRODUCT} WHERE product_key = ?", (product_key,))
+        return rows.product(row) if row else None
+
+    async def list_products(self, limit: int, offset: int) -> tuple[list[Product], int]:
+        found = await self._all(f"{_PRODUCT} ORDER BY product_key LIMIT ? OFFSET ?", (limit, offset))
+        total = await self._one("SELECT COUNT(*) AS n FROM products")
+        return [rows.product(r) for r in found], total["n"] if total else 0
+
+    # ------------------------------------------------------------ devices
+
+    async def create_devices(self, product_key: str, devices: Iterable[tuple[str, str, str, dict[str, str]]]) -> None:
+        """Insert (deviceKey, secret_enc, auth, tags) rows in one transaction. Raises DuplicateError."""
+        now = time.time()
+        rows = [(product_key, dk, enc, auth, json.dumps(tags, sort_keys=True), now) for dk, enc, auth, tags in devices]
+
+        def op(db: sqlite3.Connection) -> None:
+            try:
+                db.executemany(
+                    "INSERT INTO devices (product_key, device_key, secret_enc, auth, tags, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateError(str(exc)) from exc
+
+        await self.batched(op)
+
+    async def existing_device_keys(self, product_key: str, device_keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(device_keys), 500):
+            chunk = list(device_keys[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            keys = await self._all(
+                f"SELECT device_key FROM devices WHERE product_key = ? AND device_key IN ({marks})",
+                (product_key, *chunk),
+            )
+            found.update(r["device_key"] for r in keys)
+        return found
+
+    async def get_device(self, product_key: str, device_key: str) -> Device | None:
+        row = await self._one(
+            "SELECT * FROM devices WHERE product_key = ? AND device_key = ?", (product_key, device_key)
+        )
+        return rows.device(row) if row else None
+
+    async def device_credentials(self, product_key: str, device_key: str) -> tuple[str, str] | None:
+        """(secret_enc, auth) of a device, or None when it does not exist."""
+        row = await self._one(
+            "SELECT secret_enc, auth FROM devices WHERE product_key = ? AND device_key = ?",
+            (product_key, device_key),
+        )
+        return (row["secret_enc"], row["auth"]) if row else None
+
+    async def list_devices(
+        self,
+        product_key: str,
+        *,
+        version: str | None = None,
+        tags: dict[str, str] | None = None,
+        online: bool | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[Device], int]:
+        where = ["product_key = ?"]
+        params: list[Any] = [product_key]
+        if version is not None:
+            where.append("version = ?")
+            params.append(version)
+        if online is not None:
+            where.append("online = ?")
+            params.append(1 if online else 0)
+        for k, v in (tags or {}).items():
+            where.append("json_extract(tags, ?) = ?")
+            params.extend([f'$."{k}"', v])
+        clause = " AND ".join(where)
+        found = await self._all(
+            f"SELECT * FROM devices WHERE {clause} ORDER BY device_key LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM devices WHERE {clause}", params)
+        return [rows.device(r) for r in found], total["n"] if total else 0
+
+    async def set_device_online(self, product_key: str, device_key: str, online: bool) -> None:
+        await self._write(
+            "UPDATE devices SET online = ?, last_seen = ? WHERE product_key = ? AND device_key = ?",
+            (1 if online else 0, time.time(), product_key, device_key),
+        )
+
+    async def set_device_version(self, product_key: str, device_key: str, version: str) -> None:
+        await self._write(
+            "UPDATE devices SET version = ?, last_seen = ? WHERE product_key = ? AND device_key = ?",
+            (version, time.time(), product_key, device_key),
+        )
+
+    async def mark_all_offline(self) -> int:
+        """At start-up nobody is connected yet, whatever the last run left behind."""
+        return await self._write("UPDATE devices SET online = 0 WHERE online = 1")
+
+    # ------------------------------------------------------------ web console reads
+
+    async def device_counts(self) -> dict[str, dict[str, int]]:
+        """Devices online and offline per product: {productKey: {"online": n, "offline": m}}."""
+        found = await self._all("SELECT product_key, online, COUNT(*) AS n FROM devices GROUP BY product_key, online")
+        out: dict[str, dict[str, int]] = {}
+        for r in found:
+            out.setdefault(r["product_key"], {"online": 0, "offline": 0})["online" if r["online"] else "offline"] = r[
+                "n"
+            ]
+        return out

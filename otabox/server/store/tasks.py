@@ -1,0 +1,231 @@
+"""SQL of tasks: one device in one job. Every state change writes its event in the same transaction,
+so the upgrade log never disagrees with the task table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from otabox.models import ACTIVE, IN_FLIGHT, EventKind, Task, TaskState, sql_list
+from otabox.server.store import rows
+from otabox.server.store.base import StoreBase
+
+TASK_COLUMNS = frozenset(
+    {
+        "status",
+        "progress",
+        "step",
+        "desc",
+        "from_version",
+        "attempt",
+        "due_at",
+        "retry_at",
+        "published_at",
+        "upgrading_at",
+        "finished_at",
+    }
+)
+
+
+_EVENT_INSERT = (
+    "INSERT INTO events (ts, job_id, job_type, firmware_id, product_key, device_key, from_version, to_version,"
+    " status, kind, step, desc, attempt, wave, bytes_downloaded)"
+    " SELECT ?, t.job_id, j.type, j.firmware_id, t.product_key, t.device_key, t.from_version, t.to_version,"
+    " t.status, ?, t.step, t.desc, t.attempt, NULLIF(t.wave, 0),"
+    " (SELECT bytes FROM downloads dl WHERE dl.product_key = t.product_key AND dl.device_key = t.device_key"
+    "  AND dl.firmware_id = j.firmware_id)"
+    " FROM tasks t JOIN jobs j ON j.id = t.job_id"
+)
+
+
+def insert_tasks(
+    db: sqlite3.Connection,
+    job_id: str,
+    pk: str,
+    to_version: str,
+    tasks: Sequence[tuple[str, str | None, int]],
+    now: float,
+) -> None:
+    db.executemany(
+        "INSERT INTO tasks (job_id, product_key, device_key, status, wave, from_version, to_version,"
+        " attempt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
+        [(job_id, pk, dk, TaskState.PENDING, wave, fv, to_version, now) for dk, fv, wave in tasks],
+    )
+    db.execute(
+        _EVENT_INSERT + " WHERE t.job_id = ? AND t.status = ? AND t.updated_at = ?",
+        (now, EventKind.STATE, job_id, TaskState.PENDING, now),
+    )
+
+
+class TaskSQL(StoreBase):
+    async def active_task(self, pk: str, dk: str) -> Task | None:
+        row = await self._one(
+            f"SELECT * FROM tasks WHERE product_key = ? AND device_key = ? AND status IN {sql_list(ACTIVE)}", (pk, dk)
+        )
+        return rows.task(row) if row else None
+
+    async def device_tasks(self, pk: str, dk: str, limit: int = 50) -> list[Task]:
+        found = await self._all(
+            "SELECT * FROM tasks WHERE product_key = ? AND device_key = ? ORDER BY updated_at DESC LIMIT ?",
+            (pk, dk, limit),
+        )
+        return [rows.task(r) for r in found]
+
+    async def list_tasks(
+        self, job_id: str, status: TaskState | None, limit: int, offset: int
+    ) -> tuple[list[Task], int]:
+        where, params = ("job_id = ? AND status = ?", [job_id, status]) if status else ("job_id = ?", [job_id])
+        found = await self._all(
+            f"SELECT * FROM tasks WHERE {where} ORDER BY device_key LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM tasks WHERE {where}", params)
+        return [rows.task(r) for r in found], total["n"] if total else 0
+
+    async def transition(
+        self,
+        job_id: str,
+        pk: str,
+        dk: str,
+        kind: EventKind = EventKind.STATE,
+        expect: Sequence[TaskState] | None = None,
+        **changes: Any,
+    ) -> bool:
+        """Update one task and append its event atomically.
+
+        `expect`: the statuses the task must be in (guards against races); returns False
+        when the task is not in one of them (nothing is written then).
+        """
+        assert set(changes) <= TASK_COLUMNS, changes
+        now = time.time()
+        bump = "attempt" in changes and changes["attempt"] is None
+        if bump:
+            del changes["attempt"]
+        sets = ", ".join([f"{k} = ?" for k in changes] + (["attempt = attempt + 1"] if bump else []))
+        where = "job_id = ? AND product_key = ? AND device_key = ?"
+        params: list[Any] = [*changes.values(), now, job_id, pk, dk]
+        if expect:
+            where += f" AND status IN ({','.join('?' * len(expect))})"
+            params.extend(expect)
+        update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if conn.execute(update, params).rowcount == 0:
+                return False
+            conn.execute(
+                _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?",
+                (now, kind, job_id, pk, dk),
+            )
+            return True
+
+        return await self.batched(op)
+
+    async def publish_tasks(self, job_id: str, pk: str, device_keys: list[str], now: float, due: float) -> list[str]:
+        """Move pending tasks to published in one transaction (with their events); the keys moved."""
+        update = (
+            f"UPDATE tasks SET status = '{TaskState.PUBLISHED}', published_at = ?, due_at = ?, progress = NULL,"
+            " step = NULL, desc = NULL, updated_at = ?"
+            f" WHERE job_id = ? AND product_key = ? AND device_key = ? AND status = '{TaskState.PENDING}'"
+        )
+        event = _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?"
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            moved = []
+            for dk in device_keys:
+                if conn.execute(update, (now, due, now, job_id, pk, dk)).rowcount:
+                    conn.execute(event, (now, EventKind.STATE, job_id, pk, dk))
+                    moved.append(dk)
+            return moved
+
+        return await self.batched(op)
+
+    async def bulk_transition(
+        self, job_id: str, from_statuses: Sequence[TaskState], device_keys: Sequence[str] | None, **changes: Any
+    ) -> int:
+        """Move many tasks of a job at once (cancel, retry), with one event each."""
+        assert set(changes) <= TASK_COLUMNS, changes
+        now = time.time()
+        where = f"job_id = ? AND status IN ({','.join('?' * len(from_statuses))})"
+        params: list[Any] = [job_id, *from_statuses]
+        if device_keys is not None:
+            where += f" AND device_key IN ({','.join('?' * len(device_keys))})"
+            params.extend(device_keys)
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
+
+        def op(db: sqlite3.Connection) -> int:
+            n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
+            if n:
+                db.execute(
+                    _EVENT_INSERT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now)
+                )
+            return n
+
+        return await self.batched(op)
+
+    async def retry_task(self, job_id: str, pk: str, dk: str) -> int:
+        """Operator retry of a finished, unsuccessful task: a new attempt (1), or 0 when not possible."""
+        try:
+            ok = await self.transition(
+                job_id,
+                pk,
+                dk,
+                expect=(TaskState.FAILED, TaskState.TIMEOUT, TaskState.CANCELED),
+                status=TaskState.PENDING,
+                attempt=None,
+                retry_at=None,
+                due_at=None,
+                progress=None,
+                step=None,
+                desc="retry requested",
+                finished_at=None,
+            )
+        except sqlite3.IntegrityError:
+            return 0  # the device has an active task in another job meanwhile
+        return 1 if ok else 0
+
+    async def due_tasks(self, now: float, limit: int = 500) -> list[Task]:
+        """In-flight tasks whose timeout has passed (index on due_at)."""
+        found = await self._all(
+            f"SELECT * FROM tasks WHERE due_at IS NOT NULL AND due_at <= ? AND status IN {sql_list(IN_FLIGHT)} LIMIT ?",
+            (now, limit),
+        )
+        return [rows.task(r) for r in found]
+
+    async def due_retries(self, now: float, limit: int = 500) -> list[Task]:
+        found = await self._all(
+            "SELECT * FROM tasks WHERE retry_at IS NOT NULL AND retry_at <= ? AND status = ? LIMIT ?",
+            (now, TaskState.FAILED, limit),
+        )
+        return [rows.task(r) for r in found]
+
+    async def pushable_tasks(self, job_id: str, max_wave: int, limit: int) -> list[Task]:
+        """Pending tasks of online devices in open waves, oldest attempt first."""
+        found = await self._all(
+            "SELECT t.* FROM tasks t JOIN devices d ON d.product_key = t.product_key AND d.device_key = t.device_key"
+            " WHERE t.job_id = ? AND t.status = ? AND t.wave <= ? AND d.online = 1"
+            " ORDER BY t.wave, t.device_key LIMIT ?",
+            (job_id, TaskState.PENDING, max_wave, limit),
+        )
+        return [rows.task(r) for r in found]
+
+    async def find_tasks(
+        self, job_id: str, status: TaskState | None, text: str, limit: int, offset: int
+    ) -> tuple[list[Task], int]:
+        """Tasks of a job whose device key contains `text` (case-insensitive), optionally in one state."""
+        where, params = ["job_id = ?"], [job_id]
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if text:
+            escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("device_key LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped}%")
+        clause = " AND ".join(where)
+        found = await self._all(
+            f"SELECT * FROM tasks WHERE {clause} ORDER BY device_key LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM tasks WHERE {clause}", params)
+        return [rows.task(r) for r in found], total["n"] if total else 0
