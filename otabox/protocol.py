@@ -212,9 +212,8 @@ def request_id(payload: bytes) -> str | int | float | None:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if isinstance(data, dict) and isinstance(data.get("id"), str | int):
-        return data["id"]
-    return None
+    ident = data.get("id") if isinstance(data, dict) else None
+    return ident if isinstance(ident, str | int) else None
 
 
 def reply(msg_id: str | int | float | None, code: int, data: Any = None, message: str | None = None) -> bytes:

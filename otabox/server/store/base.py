@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -122,7 +122,9 @@ class StoreBase:
             batch, self._pending = self._pending, []
             try:
                 async with self._write_lock:
-                    outcomes = await self.db._execute(_run_batch, self.db._conn, [op for op, _ in batch])
+                    # aiosqlite's own hop to its thread: the whole batch is one call there.
+                    run: Callable[..., Awaitable[list[tuple[bool, Any]]]] = self.db._execute
+                    outcomes = await run(_run_batch, self.db._conn, [op for op, _ in batch])
             except BaseException as exc:  # the whole batch failed (e.g. disk full): tell everyone
                 for _, future in batch:
                     if not future.done():

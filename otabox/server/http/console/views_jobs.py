@@ -52,7 +52,7 @@ def plain_reason(job: dict[str, Any], counts: dict[TaskState, int]) -> str:
         return f"scheduled: starts at {start}" if start else "scheduled"
     if status == "completed":
         return f"completed: {counts.get(TaskState.SUCCEEDED, 0)} of {total} succeeded"
-    return status
+    return str(status)
 
 
 async def job_card(app: Services, record: Job) -> dict[str, Any]:
