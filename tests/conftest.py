@@ -17,19 +17,51 @@ import pytest
 
 from otabox import protocol
 from otabox.server.app import App
+from otabox.server.mqtt.device_hooks import DeviceGateway
+from otabox.server.services import Services
 from otabox.server.settings import Settings
+from otabox.server.store import Store
 
 TOKEN = "test-admin-token"
 
 
 @dataclass
 class Server:
-    app: App
+    """A running server, driven over HTTP: in this process (`local_app`, the `server` fixture)
+    or in another one (`local_app=None`, its MQTT port in `mqtt`)."""
+
+    local_app: App | None
     http: aiohttp.ClientSession
     url: str
     data_dir: Path
     products: set[str] = field(default_factory=set)
     mqtt: int | None = None  # for a server in another process (no App object here)
+
+    @property
+    def app(self) -> App:
+        """The in-process App; only the `server` fixture has one."""
+        assert self.local_app is not None, "this server runs in another process"
+        return self.local_app
+
+    @property
+    def services(self) -> Services:
+        """The started App's services."""
+        services = self.app.services
+        assert services is not None, "server not started"
+        return services
+
+    @property
+    def store(self) -> Store:
+        store = self.app.store
+        assert store is not None, "server not started"
+        return store
+
+    @property
+    def gateway(self) -> DeviceGateway:
+        """The MQTT device gateway (tests swap its `jobs` hooks for a Recorder)."""
+        gateway = self.app.gateway
+        assert gateway is not None, "server not started"
+        return gateway
 
     @property
     def mqtt_port(self) -> int:
@@ -197,7 +229,8 @@ class Device:
             return await self.queue(suffix).get()
 
     async def push(self, timeout: float = 10) -> dict[str, Any]:
-        return (await self.next(protocol.UPGRADE, timeout))["params"]
+        params: dict[str, Any] = (await self.next(protocol.UPGRADE, timeout))["params"]
+        return params
 
     async def upgrade(self, to_version: str | None = None) -> dict[str, Any]:
         """Take the next push, report progress and the new version."""

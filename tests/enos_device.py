@@ -15,6 +15,8 @@ download (plain urllib GET, as a real device would do) is ours. Every observable
 is printed to stdout as one JSON object per line so a test can parse the transcript.
 Exit status: 0 on success, 1 on any failure or timeout. SDK logs go to stderr.
 """
+from __future__ import annotations
+
 import argparse
 import hashlib
 import json
@@ -24,6 +26,7 @@ import re
 import sys
 import threading
 import urllib.request
+from typing import Any
 
 from enos.core.MqttClient import MqttClient
 from enos.core.internal.Profile import Profile
@@ -36,7 +39,7 @@ from enos.message.upstream.ota.OtaProgressReportRequest import OtaProgressReport
 from enos.message.upstream.ota.OtaVersionReportRequest import OtaVersionReportRequest
 
 
-def emit(event, **fields):
+def emit(event: str, **fields: Any) -> None:
     # One flushed line per event: the caller may read stdout while we are still running.
     print(json.dumps(dict(event=event, **fields), default=str), flush=True)
 
@@ -46,12 +49,12 @@ class ConnackWatcher(logging.Handler):
     while paho keeps retrying), so we listen to its logger to report *why* a login
     failed, and to stop waiting at once instead of running into the timeout."""
 
-    def __init__(self, settled):
+    def __init__(self, settled: threading.Event) -> None:
         super().__init__()
-        self.refused_rc = None
+        self.refused_rc: int | None = None
         self.settled = settled
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         m = re.search(r"bad connection, error code: (\d+)", record.getMessage())
         if m and self.refused_rc is None:
             self.refused_rc = int(m.group(1))
@@ -59,26 +62,26 @@ class ConnackWatcher(logging.Handler):
             self.settled.set()
 
 
-class ConnectWaiter(IConnectCallback):
+class ConnectWaiter(IConnectCallback):  # type: ignore[misc]  # the SDK ships no types
     """Why async connect: the SDK's sync connect() waits on a Condition that the paho
     thread may notify *before* the wait starts (CONNACK from a fast local server), and
     then blocks a full 10 s. The SDK's own callback API avoids that race."""
 
-    def __init__(self, settled):
+    def __init__(self, settled: threading.Event) -> None:
         self.settled = settled
 
-    def on_connect(self):
+    def on_connect(self) -> None:
         self.settled.set()
 
-    def on_disconnect(self):
+    def on_disconnect(self) -> None:
         emit("sdk_on_disconnect")  # also fires on our own clean disconnect
 
-    def on_connect_failed(self):
+    def on_connect_failed(self) -> None:
         emit("connect_failed")
         self.settled.set()
 
 
-def build_client(args):
+def build_client(args: argparse.Namespace) -> Any:
     # The SDK parses the URL by splitting on ':' and ignores the scheme; TLS is only
     # used if set_ssl_context() is called, so "tcp://host:port" is plain TCP.
     client = MqttClient("tcp://%s:%d" % (args.host, args.port),
@@ -91,7 +94,7 @@ def build_client(args):
     return client
 
 
-def request_payload(builder, args):
+def request_payload(builder: Any, args: argparse.Namespace) -> dict[str, Any]:
     """What the SDK would put on the wire for a request (it fills id/pk/dk at publish)."""
     req = builder.set_product_key(args.product_key).set_device_key(args.device_key).build()
     req.set_id("1")  # the SDK numbers requests "1", "2", ... (a string) per process
@@ -99,7 +102,7 @@ def request_payload(builder, args):
             "payload": json.loads(req.encode())}
 
 
-def dry_run(args):
+def dry_run(args: argparse.Namespace) -> int:
     # Show the login triplet and the payloads without touching the network, so the
     # server side can be checked against them (and against the spec) by eye.
     client = build_client(args)
@@ -113,31 +116,35 @@ def dry_run(args):
     return 0
 
 
-def publish(client, builder):
+def publish(client: Any, builder: Any) -> Any:
     """Sync SDK publish: it subscribes to <topic>_reply on first use, then blocks until a
     reply with the same id arrives on that topic (or the operation timeout)."""
     return client.publish(builder.build())
 
 
-def report_version(client, version):
+def report_version(client: Any, version: str | None) -> bool:
     rsp = publish(client, OtaVersionReportRequest.builder().set_version(version))
-    emit("inform_reply", code=rsp.get_code(), message=rsp.get_message())
-    return rsp.get_code() == 200
+    code: int = rsp.get_code()
+    emit("inform_reply", code=code, message=rsp.get_message())
+    return code == 200
 
 
-def report_progress(client, step, desc):
+def report_progress(client: Any, step: str, desc: str) -> bool:
     # Steps are strings, as in the SDK's own sample and OTAUpdateFailureCause constants.
     rsp = publish(client, OtaProgressReportRequest.builder().set_step(step).set_desc(desc))
-    emit("progress_sent", step=step, desc=desc, code=rsp.get_code())
-    return rsp.get_code() == 200
+    code: int = rsp.get_code()
+    emit("progress_sent", step=step, desc=desc, code=code)
+    return code == 200
 
 
-def upgrade(client, params, timeout):
+def upgrade(client: Any, params: dict[str, Any], timeout: float) -> bool:
     """Download, verify and 'install' one firmware offer/push, reporting like a device."""
     url, size = params.get("fileUrl"), params.get("fileSize")
     method = (params.get("signMethod") or "md5").lower()
     report_progress(client, "10", "downloading")
     try:
+        if url is None:
+            raise ValueError("no fileUrl")
         with urllib.request.urlopen(url, timeout=timeout) as r:
             blob = r.read()
     except Exception as e:  # noqa: BLE001 - any failure here is a download failure
@@ -164,14 +171,14 @@ def upgrade(client, params, timeout):
     return True
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     settled = threading.Event()  # set on CONNACK accepted, refused, or connect error
     watcher = ConnackWatcher(settled)
     logging.getLogger("enos.core.internal.MqttConnection").addHandler(watcher)
     client = build_client(args)
-    pushes = queue.Queue()
+    pushes: queue.Queue[dict[str, Any]] = queue.Queue()
 
-    def on_upgrade(cmd, path_list):
+    def on_upgrade(cmd: Any, path_list: list[str]) -> Any:
         # Runs on the SDK's executor thread. Hand the work to the main thread and return
         # at once: the SDK publishes the returned reply to .../ota/device/upgrade_reply
         # (with the push's id). Had we registered no handler, the SDK would itself reply
@@ -234,7 +241,7 @@ def run(args):
         emit("disconnected")
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=1883)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from otabox import protocol
+from tests.conftest import Server
 
 
 class Recorder:
@@ -57,14 +58,15 @@ class Recorder:
         await self._note()
 
 
-async def offer_params(server: Any, fw: dict[str, Any], dk: str, **override: Any) -> dict[str, Any]:
+async def offer_params(server: Server, fw: dict[str, Any], dk: str, **override: Any) -> dict[str, Any]:
     """The params of an `ota.device.upgrade` push of firmware `fw` to device `dk`, as spec 3.2 shapes them."""
-    full = await server.app.store.get_firmware(fw["id"])
+    full = await server.store.get_firmware(fw["id"])
+    assert full is not None, fw["id"]
     params = {
         "version": fw["version"],
         "sign": fw["sign"],
         "signMethod": fw["signMethod"],
-        "fileUrl": server.app.services.urls.file_url(full, dk),
+        "fileUrl": server.services.urls.file_url(full, dk),
         "fileSize": fw["size"],
         "firmwareName": fw["name"],
         "desc": "test push",
@@ -74,8 +76,8 @@ async def offer_params(server: Any, fw: dict[str, Any], dk: str, **override: Any
     return params
 
 
-def push(server: Any, dk: str, params: dict[str, Any], pk: str = "pk1", msg_id: str = "p1") -> bool:
+def push(server: Server, dk: str, params: dict[str, Any], pk: str = "pk1", msg_id: str = "p1") -> bool:
     """Deliver an upgrade push straight to the device's session (what a push-mode job does)."""
     payload = protocol.request(msg_id, "ota.device.upgrade", params)
-    delivered: bool = server.app.services.outbox.deliver(pk, dk, protocol.UPGRADE, payload, qos=1)
+    delivered: bool = server.services.outbox.deliver(pk, dk, protocol.UPGRADE, payload, qos=1)
     return delivered

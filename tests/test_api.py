@@ -593,7 +593,7 @@ async def test_download_full_head_etag_and_accounting(server: Server) -> None:
 
 async def wait_for_bytes(server: Server, dk: str, fw_id: str, want: int) -> None:
     async def counted() -> bool:
-        got = await server.app.store.downloaded_bytes("pk1", dk, fw_id)
+        got = await server.store.downloaded_bytes("pk1", dk, fw_id)
         assert got <= want, (got, want)
         return got == want
 
@@ -631,7 +631,7 @@ async def test_download_token_is_required_and_checked(server: Server) -> None:
     flipped_sig = sig[:-1] + ("A" if sig[-1] != "A" else "B")
     flipped_body = ("A" if body[0] != "A" else "B") + body[1:]
     other_token = (await file_url(server, other, "d1")).split("token=", 1)[1]
-    expired = server.app.services.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
+    expired = server.services.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
     async with aiohttp.ClientSession() as anon:
         for bad_url in (url.split("?", 1)[0], with_token(url, "")):
             async with anon.get(bad_url) as resp:
@@ -648,14 +648,14 @@ async def test_download_token_is_required_and_checked(server: Server) -> None:
         async with anon.get(url) as resp:
             assert resp.status == 200 and await resp.read() == b"firmware one"
     await wait_for_bytes(server, "d1", fw["id"], len(b"firmware one"))
-    assert await server.app.store.downloaded_bytes("pk1", "d1", other["id"]) == 0
+    assert await server.store.downloaded_bytes("pk1", "d1", other["id"]) == 0
 
 
 async def test_download_token_expires(server: Server) -> None:
     await server.device("d1")
     fw = await server.firmware("pk1", "1.0", b"fw")
-    good = server.app.services.keys.download_token(fw["id"], "pk1", "d1", ttl=60)
-    gone = server.app.services.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
+    good = server.services.keys.download_token(fw["id"], "pk1", "d1", ttl=60)
+    gone = server.services.keys.download_token(fw["id"], "pk1", "d1", ttl=-1)
     url = await file_url(server, fw, "d1")
     async with aiohttp.ClientSession() as anon:
         async with anon.get(with_token(url, good)) as resp:

@@ -200,7 +200,7 @@ async def test_binary_serves_a_device_end_to_end(
 
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
             server = Server(
-                app=None,  # type: ignore[arg-type]
+                local_app=None,
                 http=http,
                 url=f"http://127.0.0.1:{health['httpPort']}",
                 data_dir=data_dir,

@@ -102,15 +102,15 @@ async def test_server_delivers_upgrade_topic_without_subscription(server: Server
         await wait_for(lambda: _online(server))
         assert server.app.broker is not None
         payload = protocol.request("7", "ota.device.upgrade", {"version": "2.0"})
-        assert server.app.services.outbox.deliver("pk1", "d1", protocol.UPGRADE, payload, qos=1)
+        assert server.services.outbox.deliver("pk1", "d1", protocol.UPGRADE, payload, qos=1)
         msg = await next_message(c, "/ota/device/upgrade")
         assert msg["id"] == "7" and msg["params"]["version"] == "2.0"
     await wait_for(lambda: _offline(server, "d1"))
-    assert not server.app.services.outbox.deliver("pk1", "d1", protocol.UPGRADE, payload)
+    assert not server.services.outbox.deliver("pk1", "d1", protocol.UPGRADE, payload)
 
 
 async def _online(server: Server) -> bool:
-    return server.app.broker is not None and server.app.services.outbox.is_connected("pk1", "d1")
+    return server.app.broker is not None and server.services.outbox.is_connected("pk1", "d1")
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ async def test_defect_a_wrong_password_cannot_touch_a_live_session(server: Serve
                 pass
         # The live device is still connected and served.
         assert (await request(c, "pk1", "d1", protocol.INFORM, {"version": "1.1"}, msg_id="2"))["code"] == 200
-        assert server.app.broker is not None and server.app.services.outbox.is_connected("pk1", "d1")
+        assert server.app.broker is not None and server.services.outbox.is_connected("pk1", "d1")
 
 
 async def test_defect_b_retained_messages_do_not_cross_devices(server: Server) -> None:
@@ -268,4 +268,5 @@ async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(ser
 
 
 async def _online_d1(server: Server) -> bool:
-    return (await server.call("GET", "/products/pk1/devices/d1", 200))["online"]  # type: ignore[no-any-return]
+    online: bool = (await server.call("GET", "/products/pk1/devices/d1", 200))["online"]
+    return online

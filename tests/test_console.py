@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from otabox.models import TaskState
 from otabox.server.http.console import CONSOLE, charts
 from otabox.server.http.console.render import CSP, STATIC, TEMPLATES
 from otabox.server.http.console.views_jobs import plain_reason
@@ -232,7 +233,8 @@ async def test_verify_from_the_firmware_page(server: Server, ui: Console) -> Non
     await dev.upgrade()
 
     async def verified() -> bool:
-        return (await server.call("GET", f"/firmware/{fw['id']}", 200))["status"] == "verified"
+        status: str = (await server.call("GET", f"/firmware/{fw['id']}", 200))["status"]
+        return status == "verified"
 
     await wait_for(verified)
     assert 'id="fw-verified">verified<' in await ui.get(location)
@@ -354,7 +356,7 @@ async def test_job_stream_sends_regions_and_device_table(server: Server, ui: Con
 async def test_event_log_stream_tails_new_rows(server: Server, ui: Console) -> None:
     fw = await firmware(server)
     await server.device("d1", "pk1")
-    after = await server.app.store.last_event_seq()
+    after = await server.store.last_event_seq()
     async with ui.http.get(f"{server.url}/ui/events/stream?after={after}", timeout=aiohttp.ClientTimeout()) as resp:
         await server.call("POST", "/jobs", 201, json={"firmwareId": fw["id"]})
         rows = await read_events(resp, {"rows"})
@@ -405,7 +407,7 @@ def test_templates_have_no_inline_script_style_or_handlers() -> None:
 
 
 def test_charts_are_svg_with_attributes_only() -> None:
-    bar = charts.stacked_bar({"succeeded": 3, "failed": 1, "pending": 0})
+    bar = charts.stacked_bar({TaskState.SUCCEEDED: 3, TaskState.FAILED: 1, TaskState.PENDING: 0})
     widths = [float(w) for w in re.findall(r'<rect x="[\d.]+" y="0" width="([\d.]+)"', bar)[1:]]
     assert widths == [750.0, 250.0]
     assert 'aria-label="Task states: succeeded 3, failed 1"' in bar and "style" not in bar
@@ -421,10 +423,13 @@ def test_plain_reasons() -> None:
     assert plain_reason(job, {}) == "paused: wave 2 below 95 % success (80.0 %)"
     assert plain_reason({**job, "statusReason": "paused by operator"}, {}) == "paused by operator"
     running = {"status": "running", "statusReason": "", "currentWave": 1, "waves": [{}, {}], "mode": "push"}
-    assert plain_reason(running, {"pending": 4, "upgrading": 2}) == "running: wave 1 of 2, 2 in flight, 4 waiting"
+    assert (
+        plain_reason(running, {TaskState.PENDING: 4, TaskState.UPGRADING: 2})
+        == "running: wave 1 of 2, 2 in flight, 4 waiting"
+    )
     request = {**running, "waves": [], "mode": "request"}
-    assert plain_reason(request, {"pending": 3}) == "running: waiting for 3 device(s) to ask for the upgrade"
+    assert plain_reason(request, {TaskState.PENDING: 3}) == "running: waiting for 3 device(s) to ask for the upgrade"
     done = {"status": "completed", "statusReason": "", "currentWave": 0}
-    assert plain_reason(done, {"succeeded": 9, "failed": 1}) == "completed: 9 of 10 succeeded"
+    assert plain_reason(done, {TaskState.SUCCEEDED: 9, TaskState.FAILED: 1}) == "completed: 9 of 10 succeeded"
     aborted = {"status": "aborted", "statusReason": "aborted: 3 of 5 finished tasks failed", "currentWave": 0}
     assert plain_reason(aborted, {}) == "aborted: 3 of 5 finished tasks failed"

@@ -32,7 +32,7 @@ FIRMWARE = os.urandom(300_000)
 async def recorder(server: Server) -> Recorder:
     await server.product("pk1")
     rec = Recorder()
-    server.app.gateway.jobs = rec
+    server.gateway.jobs = rec
     return rec
 
 

@@ -196,7 +196,7 @@ async def test_stock_sdk_whole_push_upgrade(server: Server, enos_python: Path) -
     events = (await server.call("GET", f"/events?jobId={job['id']}")).decode().splitlines()
     statuses = [json.loads(e)["status"] for e in events]
     assert statuses[:3] == ["pending", "published", "upgrading"] and statuses[-1] == "succeeded"
-    assert await server.app.store.downloaded_bytes("pk1", "sdk-push", fw["id"]) == len(content)
+    assert await server.store.downloaded_bytes("pk1", "sdk-push", fw["id"]) == len(content)
 
 
 async def test_stock_sdk_request_mode_with_getversion(server: Server, enos_python: Path) -> None:

@@ -41,7 +41,8 @@ async def rollout(server: Server) -> tuple[str, dict[str, Device]]:
     await devs["c"].call(protocol.PROGRESS, {"step": "-2", "desc": "download failed"})
 
     async def done() -> bool:
-        return (await server.call("GET", f"/jobs/{job['id']}", 200))["status"] == "completed"
+        status: str = (await server.call("GET", f"/jobs/{job['id']}", 200))["status"]
+        return status == "completed"
 
     await wait_for(done)
     return job["id"], devs

@@ -36,7 +36,8 @@ async def job(server: Server, fw: dict[str, Any], expect: int = 201, **body: Any
 
 
 async def counts(server: Server, job_id: str) -> dict[str, int]:
-    return (await server.call("GET", f"/jobs/{job_id}", 200))["counts"]  # type: ignore[no-any-return]
+    c: dict[str, int] = (await server.call("GET", f"/jobs/{job_id}", 200))["counts"]
+    return c
 
 
 async def status_is(server: Server, job_id: str, status: str) -> dict[str, Any]:
@@ -44,7 +45,8 @@ async def status_is(server: Server, job_id: str, status: str) -> dict[str, Any]:
         j = await server.call("GET", f"/jobs/{job_id}", 200)
         return j if j["status"] == status else None
 
-    return await wait_for(check)  # type: ignore[no-any-return]
+    j: dict[str, Any] = await wait_for(check)
+    return j
 
 
 async def task(server: Server, job_id: str, dk: str) -> dict[str, Any]:
@@ -57,7 +59,8 @@ async def task_is(server: Server, job_id: str, dk: str, status: str) -> dict[str
         t = await task(server, job_id, dk)
         return t if t["status"] == status else None
 
-    return await wait_for(check)  # type: ignore[no-any-return]
+    t: dict[str, Any] = await wait_for(check)
+    return t
 
 
 @pytest.fixture
@@ -194,7 +197,7 @@ async def test_schedule_window_pushes_nothing_outside(server: Server, fw: dict[s
     hi = (now - timedelta(hours=1)).strftime("%H:%M")
     j2 = await job(server, fw, schedule={"dailyWindow": [lo, hi], "timezoneOffsetMinutes": 0})
     assert j2["status"] == "running"
-    ticks = server.app.services.engine.ticks
+    ticks = server.services.engine.ticks
     await wait_for(lambda: _ticked(server, ticks + 3))
     assert (await counts(server, j2["id"]))["pending"] == 1
     assert d.queue(protocol.UPGRADE).empty()
@@ -208,7 +211,7 @@ async def test_schedule_window_pushes_nothing_outside(server: Server, fw: dict[s
 
 
 async def _ticked(server: Server, n: int) -> bool:
-    return server.app.services.engine.ticks >= n
+    return server.services.engine.ticks >= n
 
 
 async def test_timeout_of_silent_device(server: Server, fw: dict[str, Any]) -> None:
@@ -269,7 +272,7 @@ async def test_abort_on_failure_ratio_stops_pushes(server: Server, fw: dict[str,
     # A slot freed by the first failure may have been refilled before the second one.
     assert c["failed"] == 2 and c["pending"] == 0 and c["canceled"] + c["published"] == 4
     canceled = (await server.call("GET", f"/jobs/{j['id']}/tasks?status=canceled", 200))["items"]
-    ticks = server.app.services.engine.ticks
+    ticks = server.services.engine.ticks
     await wait_for(lambda: _ticked(server, ticks + 3))
     for t in canceled:
         assert devs[t["deviceKey"]].queue(protocol.UPGRADE).empty()
@@ -395,7 +398,7 @@ async def test_incremental_job_adds_matching_devices(server: Server, fw: dict[st
 
 
 async def test_bad_job_bodies(server: Server, fw: dict[str, Any]) -> None:
-    for body in [
+    bad_bodies: list[dict[str, Any]] = [
         {"mode": "pull"},
         {"policy": "sometimes"},
         {"maxConcurrency": 0},
@@ -406,7 +409,8 @@ async def test_bad_job_bodies(server: Server, fw: dict[str, Any]) -> None:
         {"schedule": {"dailyWindow": ["25:00", "01:00"]}},
         {"abort": {"failureRatio": 2}},
         {"scope": {"deviceKeys": ["a/b"]}},
-    ]:
+    ]
+    for body in bad_bodies:
         err = await job(server, fw, expect=400, **body)
         assert err["error"]["code"] == "invalid"
     await server.call("POST", "/jobs", 404, json={"firmwareId": "fw-nope"})

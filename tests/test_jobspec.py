@@ -3,6 +3,7 @@ the export schema drives the writer, the API's events CSV and the analysis kit. 
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,12 @@ def test_numeric_limits_of_the_table_are_enforced(f: jobspec.JobField) -> None:
         jobspec.validate(body)
 
 
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub: argparse.ArgumentParser = action.choices[name]
+    return sub
+
+
 def test_cli_flags_are_the_table() -> None:
     parser = build_parser()
     flags = (
@@ -87,15 +94,7 @@ def test_cli_flags_are_the_table() -> None:
     )
     args = parser.parse_args([*flags.split(), "--name", "all of it"])
     assert jobspec.body_from_args(args) == FULL_BODY
-    help_text = (
-        parser._subparsers._group_actions[0]
-        .choices["job"]
-        ._subparsers._group_actions[0]
-        .choices[  # type: ignore[union-attr]
-            "create"
-        ]
-        .format_help()
-    )
+    help_text = _subcommand(_subcommand(parser, "job"), "create").format_help()
     for f in jobspec.JOB_FIELDS:
         assert f.cli in help_text, f.path
 

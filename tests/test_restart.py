@@ -35,10 +35,10 @@ async def spawn(data_dir: Path) -> tuple[asyncio.subprocess.Process, Server, aio
     bound = await wait_for(ready, timeout=30)
     http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
     server = Server(
-        app=None,
+        local_app=None,
         http=http,
         url=f"http://127.0.0.1:{bound['http']}",
-        data_dir=data_dir,  # type: ignore[arg-type]
+        data_dir=data_dir,
         mqtt=bound["mqtt"],
     )
     return proc, server, http
@@ -115,7 +115,7 @@ async def test_kill_9_mid_job_then_restart_completes(tmp_path: Path, procs: list
 
 
 async def _count(server: Server, jid: str, states: tuple[str, ...], n: int) -> bool:
-    c = (await server.call("GET", f"/jobs/{jid}", 200))["counts"]
+    c: dict[str, int] = (await server.call("GET", f"/jobs/{jid}", 200))["counts"]
     return sum(c[s] for s in states) >= n
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from otabox import rollout
 from otabox.jobspec import parse_hhmm
-from otabox.models import Device, JobStatus, PauseCause, Schedule, Scope, Wave
+from otabox.models import Device, JobStatus, PauseCause, Schedule, Scope, TaskState, Wave
 from otabox.rollout import TokenBucket
 
 
@@ -48,19 +48,19 @@ def test_wave_sizes_and_assignment() -> None:
 
 def test_wave_decision() -> None:
     w = Wave(50, 0.9)
-    assert rollout.wave_decision({"succeeded": 9, "upgrading": 1}, w, 1).action == "wait"
-    assert rollout.wave_decision({"succeeded": 9, "failed": 1}, w, 1).action == "advance"
-    d = rollout.wave_decision({"succeeded": 8, "timeout": 2}, Wave(50, 0.95), 2)
+    assert rollout.wave_decision({TaskState.SUCCEEDED: 9, TaskState.UPGRADING: 1}, w, 1).action == "wait"
+    assert rollout.wave_decision({TaskState.SUCCEEDED: 9, TaskState.FAILED: 1}, w, 1).action == "advance"
+    d = rollout.wave_decision({TaskState.SUCCEEDED: 8, TaskState.TIMEOUT: 2}, Wave(50, 0.95), 2)
     assert d.action == "pause" and d.reason == "wave 2 below 95 % success (80.0 %)"
-    assert rollout.wave_decision({"failed": 5}, Wave(50), 1).action == "advance"  # no ratio: no gate
+    assert rollout.wave_decision({TaskState.FAILED: 5}, Wave(50), 1).action == "advance"  # no ratio: no gate
 
 
 def test_abort_counts_timeouts_after_min_finished() -> None:
-    assert not rollout.should_abort({"failed": 1}, 0.2, 20)
-    assert rollout.should_abort({"failed": 2, "timeout": 2, "succeeded": 16}, 0.2, 20)
-    assert not rollout.should_abort({"failed": 3, "succeeded": 17}, 0.2, 20)
-    assert not rollout.should_abort({"failed": 100}, None, 1)
-    assert not rollout.should_abort({"canceled": 50, "failed": 1, "succeeded": 1}, 0.6, 2)
+    assert not rollout.should_abort({TaskState.FAILED: 1}, 0.2, 20)
+    assert rollout.should_abort({TaskState.FAILED: 2, TaskState.TIMEOUT: 2, TaskState.SUCCEEDED: 16}, 0.2, 20)
+    assert not rollout.should_abort({TaskState.FAILED: 3, TaskState.SUCCEEDED: 17}, 0.2, 20)
+    assert not rollout.should_abort({TaskState.FAILED: 100}, None, 1)
+    assert not rollout.should_abort({TaskState.CANCELED: 50, TaskState.FAILED: 1, TaskState.SUCCEEDED: 1}, 0.6, 2)
 
 
 def test_token_bucket_and_budget() -> None:

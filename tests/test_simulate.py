@@ -124,7 +124,7 @@ def outcomes_by_behaviour(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 async def test_push_fleet_every_behaviour(server: Server) -> None:
     rec = Recorder()
-    server.app.gateway.jobs = rec  # stands in for the job engine: records what the server heard
+    server.gateway.jobs = rec  # stands in for the job engine: records what the server heard
     fleet = await fleet_for(server, ALL_MIX, 2 * len(BEHAVIOURS))
     fw = await server.firmware("pk1", "2.0.0", FIRMWARE)
     run = asyncio.create_task(fleet.run())
@@ -161,7 +161,7 @@ async def test_push_fleet_every_behaviour(server: Server) -> None:
             assert b == "silent" and steps == []
         if b == "offline-mid-download":
             assert rec.versions(dev.key)[:2] == ["1.0.0", "1.0.0"]  # reconnected mid-download on the old version
-    bytes_served = [await server.app.store.downloaded_bytes("pk1", d.key, fw["id"]) for d in fleet.devices]
+    bytes_served = [await server.store.downloaded_bytes("pk1", d.key, fw["id"]) for d in fleet.devices]
     fetched = [n for n, d in zip(bytes_served, fleet.devices, strict=True) if d.behaviour not in ("silent", "decline")]
     assert len(fetched) == 14 and all(fetched)
 
@@ -172,7 +172,7 @@ async def _true(value: bool) -> bool:
 
 async def test_request_mode_polls_for_offers(server: Server) -> None:
     rec = Recorder()
-    server.app.gateway.jobs = rec
+    server.gateway.jobs = rec
     fleet = await fleet_for(server, {"success": 3, "decline": 1}, 4, poll=0.2, request_mode=True)
     fw = await server.firmware("pk1", "2.0.0", FIRMWARE)
     for dev in fleet.devices:
