@@ -6,7 +6,9 @@
 Flow: receive an offer (push, or --poll for request mode) -> confirm -> download and verify
 (the SDK reports progress and failures) -> "flash" into the inactive slot folder -> "reboot"
 (reconnect as the new firmware) -> the new version is reported on connect, which completes
-the upgrade on the server. A/B slots: `<slots>/a` and `<slots>/b`, `<slots>/state.json` says
+the upgrade on the server. With `--trust-server URL` the device stores the server's Ed25519
+public key once and from then on flashes only firmware the server signed.
+A/B slots: `<slots>/a` and `<slots>/b`, `<slots>/state.json` says
 which is active and what version it holds, so an interrupted flash never bricks the device.
 """
 
@@ -20,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from otabox.device import Device, FlashFailed, Offer
+from otabox.device import Device, FlashFailed, Offer, fetch_signing_key
 
 log = logging.getLogger("device")
 
@@ -34,6 +36,11 @@ class Slots:
         root.mkdir(parents=True, exist_ok=True)
         if not self.state_file.exists():
             self._save({"active": "a", "version": factory_version})
+
+    @property
+    def signing_key(self) -> str | None:
+        key = self.root / "signing-key.pub"
+        return key.read_text().strip() if key.exists() else None
 
     def _save(self, state: dict[str, str]) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -94,6 +101,9 @@ async def run_once(args: argparse.Namespace, slots: Slots) -> None:
         sign_method=args.sign_method,
         on_upgrade=on_upgrade,
         confirm=confirm,
+        # The server's public key, stored at provisioning: then only firmware that the server
+        # signed is flashed (a bad or missing signature is reported as step -3).
+        signing_key=slots.signing_key,
     )
     async with device:
         log.info("running firmware %s", device.version)
@@ -117,6 +127,11 @@ async def poll(device: Device, every: float) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     slots = Slots(Path(args.slots), args.factory_version)
+    if args.trust_server and not slots.signing_key:
+        # Provisioning, once (on the factory floor): from now on this device trusts this key only.
+        key = await fetch_signing_key(args.trust_server)
+        (slots.root / "signing-key.pub").write_text(key + "\n")
+        log.info("stored the server's signing key; unsigned firmware will be refused")
     while True:
         await run_once(args, slots)
         # "Reboot": a real device restarts here and boots the active slot. The next run_once
@@ -137,6 +152,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--factory-version", default="1.0.0", help="version of a fresh device")
     p.add_argument("--poll", type=float, default=0, help="request mode: ask for offers every N seconds")
     p.add_argument("--reboot-time", type=float, default=1.0)
+    p.add_argument(
+        "--trust-server",
+        metavar="URL",
+        help="provision: fetch and keep this server's firmware signing key (http://host:8080), then require it",
+    )
     return p.parse_args()
 
 

@@ -17,15 +17,15 @@ import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
 from otabox.export import schema
-from otabox.models import ACTIVE, FINISHED, TaskState
+from otabox.models import ACTIVE, FAILURES, FINISHED
 
 TASK_STATUSES = list(schema.TASK_STATUSES)
 ACTIVE_STATUSES = [s.value for s in ACTIVE]
 FINAL_STATUSES = [s.value for s in FINISHED]
-FAILURE_STATUSES = [TaskState.FAILED.value, TaskState.TIMEOUT.value]
+FAILURE_STATUSES = [s.value for s in FAILURES]
 STEP_LABELS = [
     "download", "verify", "flash", "declined", "upgrade",
-    "device-defined", "unexpected version", "timeout", "other",
+    "device-defined", "unexpected version", "timeout", "rolled back", "other",
 ]  # fmt: skip
 _CODE_LABELS = {-1: "upgrade", -2: "download", -3: "verify", -4: "flash", -5: "declined"}
 TASK_KEY = ["jobId", "deviceKey"]
@@ -116,6 +116,23 @@ def empty(table: str) -> pd.DataFrame:
     return coerce(pd.DataFrame(), table)
 
 
+def task_events(events: pd.DataFrame) -> pd.DataFrame:
+    """The events of tasks (one device in one job): every derived table below counts only these."""
+    if "kind" not in events:
+        return events
+    return events[events["kind"].astype(str) != "job"]
+
+
+def job_events(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFrame:
+    """What happened to jobs as a whole (paused, resumed, canceled, aborted, waveOpened, completed),
+    with who did it (`actor`: an operator, or "system" for the server's own rules)."""
+    if "kind" not in events:
+        return events.iloc[0:0]
+    rows = events[events["kind"].astype(str) == "job"]
+    rows = rows if job_id is None else rows[rows["jobId"] == job_id]
+    return rows[["ts", "jobId", "status", "actor", "desc", "wave"]].reset_index(drop=True)
+
+
 def _ordered(events: pd.DataFrame) -> pd.DataFrame:
     """Events oldest first (by `seq`, stable)."""
     return events.sort_values("seq", kind="stable")
@@ -128,6 +145,7 @@ def _for_job(events: pd.DataFrame, job_id: str | None) -> pd.DataFrame:
 
 def last_status(events: pd.DataFrame) -> pd.DataFrame:
     """Return the last event of each task (jobId, deviceKey): one row per task, in event order."""
+    events = task_events(events)
     return _ordered(events).drop_duplicates(TASK_KEY, keep="last").reset_index(drop=True)
 
 
@@ -136,6 +154,7 @@ def status_counts(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFra
 
     These are the counts `GET /jobs/{id}` reports, computed from each task's last event.
     """
+    events = task_events(events)
     last = last_status(_for_job(events, job_id))
     counts = pd.crosstab(last["jobId"].astype(str), last["status"].astype(str))
     counts = counts.reindex(columns=TASK_STATUSES, fill_value=0).astype("int64")
@@ -145,6 +164,7 @@ def status_counts(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFra
 
 def busiest_job(events: pd.DataFrame) -> str:
     """Return the id of the job with the most tasks (ties: the job seen first). Raises ValueError if none."""
+    events = task_events(events)
     if events.empty:
         raise ValueError("the export has no events")
     tasks = _ordered(events).drop_duplicates(TASK_KEY).groupby("jobId", sort=False, observed=True)
@@ -160,6 +180,7 @@ def funnel(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFrame:
     canceled and active (pending/published/upgrading) come from each task's last status,
     so they add up to `tasks`.
     """
+    events = task_events(events)
     events = _for_job(events, job_id)
     status = events["status"].astype(str)
     marks = pd.DataFrame({
@@ -185,6 +206,7 @@ def task_durations(events: pd.DataFrame) -> pd.DataFrame:
     attempt), and seconds publish_to_upgrading_s, upgrading_to_done_s, publish_to_done_s
     (float, NaN when an end is missing).
     """
+    events = task_events(events)
     key = [*TASK_KEY, "attempt"]
     events = _ordered(events)
     groups = events.groupby(key, sort=False, observed=True)
@@ -209,10 +231,12 @@ def task_durations(events: pd.DataFrame) -> pd.DataFrame:
 def step_labels(events: pd.DataFrame) -> pd.Series:
     """Return a categorical failure label per event (NaN for events that are not failures).
 
-    timeout status -> "timeout"; desc starting "unexpected version" -> "unexpected version";
+    timeout status -> "timeout"; rolledBack status -> "rolled back";
+    desc starting "unexpected version" -> "unexpected version";
     step -1..-5 -> upgrade/download/verify/flash/declined; step < -5 -> "device-defined";
     any other failure -> "other".
     """
+    events = task_events(events)
     status = events["status"].astype(str)
     step = events["step"].astype("Float64")
     desc = events["desc"].astype("string").fillna("")
@@ -220,12 +244,14 @@ def step_labels(events: pd.DataFrame) -> pd.Series:
     labels = labels.where(~(step < -5).fillna(False), "device-defined")
     labels = labels.where(~desc.str.lower().str.startswith("unexpected version"), "unexpected version")
     labels = labels.fillna("other").where(status != "timeout", "timeout")
+    labels = labels.where(status != "rolledBack", "rolled back")
     labels = labels.where(status.isin(FAILURE_STATUSES), None)
     return pd.Series(pd.Categorical(labels, categories=STEP_LABELS), index=events.index, name="step_label")
 
 
 def failures(events: pd.DataFrame) -> pd.DataFrame:
-    """Return the state changes to failed/timeout (one per failed attempt), with a step_label column."""
+    """Return the state changes to failed/timeout/rolledBack (one per failed attempt), with a step_label column."""
+    events = task_events(events)
     # `!= "progress"` rather than `== "state"`: an export without the kind column still works.
     state = events[(events["kind"] != "progress") & events["status"].isin(FAILURE_STATUSES)]
     return _ordered(state).assign(step_label=step_labels(state))
@@ -237,6 +263,7 @@ def failure_breakdown(events: pd.DataFrame, by: str | Sequence[str] = ("step_lab
     Columns: the `by` columns, failures (failed attempts), devices (distinct deviceKeys),
     share (failures / all failures). Sorted by the `by` columns; empty groups are left out.
     """
+    events = task_events(events)
     keys = [by] if isinstance(by, str) else list(by)
     failed = failures(events)
     grouped = failed.groupby(keys, observed=True, dropna=False)
@@ -255,6 +282,7 @@ def completion_over_time(events: pd.DataFrame, job_id: str, freq: str = "10s") -
     hold), succeeded, failed, timeout, canceled, done (their sum). Empty if the job has no events.
     `freq` must be a fixed span ("10s", "1min").
     """
+    events = task_events(events)
     events = _for_job(events, job_id)
     columns = ["elapsed_s", *FINAL_STATUSES, "done"]
     if events.empty:
@@ -275,6 +303,7 @@ def wave_progress(events: pd.DataFrame, job_id: str) -> pd.DataFrame:
     A task belongs to the wave of its last event; success_ratio = succeeded / tasks. Empty
     when the job has no waves (all `wave` null).
     """
+    events = task_events(events)
     last = last_status(_for_job(events, job_id)).dropna(subset=["wave"])
     status = last["status"].astype(str)
     table = pd.DataFrame({
@@ -306,6 +335,7 @@ def repeat_failures(events: pd.DataFrame, min_failures: int = 2) -> pd.DataFrame
     fromVersions (distinct values, comma-separated, in order seen), last_failure_at.
     Sorted by failures descending, then deviceKey.
     """
+    events = task_events(events)
     failed = failures(events)
 
     def distinct(values: pd.Series) -> str:
@@ -331,6 +361,7 @@ def job_summary(events: pd.DataFrame) -> pd.DataFrame:
     timeout, canceled, active, success_rate (succeeded / tasks), attempts (all attempts
     started), median_publish_to_done_s and p90_publish_to_done_s (succeeded attempts only).
     """
+    events = task_events(events)
     first = _ordered(events).groupby("jobId", sort=False, observed=True)
     info = first[["jobType", "firmwareId", "toVersion"]].first()
     info["fromVersions"] = first["fromVersion"].agg(lambda v: ", ".join(sorted(v.dropna().unique())))

@@ -20,6 +20,7 @@ from otabox.models import JobMode, JobPolicy, JobSpec, JobType, Schedule, Scope,
 
 MAX_VERIFY_DEVICES = 10
 DEFAULT_TIMEOUT = 7200.0
+DEFAULT_ROLLBACK_WATCH = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class JobField:
     """One field of the job body.
 
     `path` is where it sits in the body ("retry.count"); `kind` says how it is parsed:
-    choice, int, number, text, list (comma separated on the CLI), tags, waves, time, window.
+    choice, int, number, bool, text, list (comma separated on the CLI), tags, waves, time, window.
     `cli` is the `otabox job create` flag and `form` the console's input name ("" = not offered
     there); `scale` converts the form's unit to the body's (percent -> ratio).
     """
@@ -244,9 +245,30 @@ JOB_FIELDS: tuple[JobField, ...] = (
         form="tzOffset",
         unit="min",
     ),
+    JobField(
+        "allowDowngrade",
+        "bool",
+        "Allow downgrade",
+        "Also move devices that report a higher version than the target (else the job is refused).",
+        default=False,
+        cli="--allow-downgrade",
+        form="allowDowngrade",
+    ),
+    JobField(
+        "rollbackWatchSeconds",
+        "number",
+        "Rollback watch",
+        "Seconds after success in which a device reporting its previous version again is rolledBack (0 = off).",
+        default=DEFAULT_ROLLBACK_WATCH,
+        minimum=0,
+        cli="--rollback-watch",
+        form="rollbackWatchSeconds",
+        unit="s",
+    ),
 )
 FIELDS: dict[str, JobField] = {f.path: f for f in JOB_FIELDS}
 SCOPE_KEYS = ("versionNumbers", "deviceKeys", "tags")
+BODY_KEYS = frozenset(f.path.split(".")[0] for f in JOB_FIELDS)
 
 
 # ---------------------------------------------------------------- the API body -> JobSpec
@@ -391,6 +413,9 @@ def validate(body: Mapping[str, Any]) -> JobSpec:
 
     `firmwareId`, `type` and `name` are the job's own fields, read by the job service.
     """
+    unknown = set(body) - BODY_KEYS
+    if unknown:
+        raise BadRequest(f"unknown job field(s) {sorted(unknown)}")
     jtype = _choice(body, "type")
     scope = parse_scope(body)
     if jtype == JobType.VERIFY:
@@ -410,6 +435,10 @@ def validate(body: Mapping[str, Any]) -> JobSpec:
     rate = _number(body.get("ratePerMinute"), _field("ratePerMinute"))
     timeout = _number(body.get("timeoutSeconds"), _field("timeoutSeconds")) or DEFAULT_TIMEOUT
     ratio = _number(abort.get("failureRatio"), _field("abort.failureRatio"))
+    allow_downgrade = body.get("allowDowngrade", False)
+    if not isinstance(allow_downgrade, bool):
+        raise BadRequest("allowDowngrade must be true or false")
+    watch = _number(body.get("rollbackWatchSeconds"), _field("rollbackWatchSeconds"))
     return JobSpec(
         scope=scope,
         mode=JobMode(mode),
@@ -424,6 +453,8 @@ def validate(body: Mapping[str, Any]) -> JobSpec:
         waves=_waves(body.get("waves")),
         schedule=schedule,
         schedule_text=schedule_text,
+        allow_downgrade=allow_downgrade,
+        rollback_watch_seconds=DEFAULT_ROLLBACK_WATCH if watch is None else float(watch),
     )
 
 
@@ -447,6 +478,8 @@ def to_json(spec: JobSpec) -> dict[str, Any]:
         "ratePerMinute": spec.rate_per_minute,
         "timeoutSeconds": spec.timeout_seconds,
         "retry": {"count": spec.retry_count, "intervalSeconds": spec.retry_interval},
+        "allowDowngrade": spec.allow_downgrade,
+        "rollbackWatchSeconds": spec.rollback_watch_seconds,
     }
     if spec.abort_ratio is not None:
         out["abort"] = {"failureRatio": spec.abort_ratio, "minFinished": spec.abort_min_finished}
@@ -485,6 +518,9 @@ def add_arguments(parser: Any) -> None:
             kwargs["type"] = float
         elif f.kind == "tags":
             kwargs["action"] = "append"
+        elif f.kind == "bool":
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
         parser.add_argument(f.cli, dest=_dest(f), **kwargs)
 
 
@@ -550,6 +586,8 @@ def form_value(f: JobField, text: str) -> Any:
     text = text.strip()
     if not text:
         return None
+    if f.kind == "bool":
+        return text.lower() in ("on", "true", "1", "yes")
     if f.kind in ("int", "number"):
         try:
             value = float(text)

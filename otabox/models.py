@@ -24,6 +24,8 @@ class TaskState(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     TIMEOUT = "timeout"
+    # After succeeded: the device reported its previous version again within the job's watch period.
+    ROLLED_BACK = "rolledBack"
 
 
 class JobStatus(StrEnum):
@@ -64,19 +66,59 @@ class FirmwareStatus(StrEnum):
 
 
 class EventKind(StrEnum):
-    """A row of the upgrade log: a task state change, or a progress report within a state."""
+    """A row of the upgrade log: a task state change, a progress report within a state, or
+    something that happened to the job as a whole (device key empty)."""
 
     STATE = "state"
     PROGRESS = "progress"
+    JOB = "job"
+
+
+class JobEvent(StrEnum):
+    """The `status` of a job-level row of the upgrade log."""
+
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    CANCELED = "canceled"
+    ABORTED = "aborted"
+    WAVE_OPENED = "waveOpened"
+    COMPLETED = "completed"
+
+
+class Waiting(StrEnum):
+    """Why no task of a live job can move right now (`waiting.reason` in the API)."""
+
+    BEFORE_START = "beforeStart"
+    OUTSIDE_WINDOW = "outsideWindow"
+    RATE_LIMITED = "rateLimited"
+    CONCURRENCY_FULL = "concurrencyFull"
+    AWAITING_REQUESTS = "awaitingRequests"
+    WAVE_GATE = "waveGate"
+    PAUSED = "paused"
+    DEVICES_OFFLINE = "devicesOffline"
 
 
 ACTIVE: tuple[TaskState, ...] = (TaskState.PENDING, TaskState.PUBLISHED, TaskState.UPGRADING)
 IN_FLIGHT: tuple[TaskState, ...] = (TaskState.PUBLISHED, TaskState.UPGRADING)
-FINISHED: tuple[TaskState, ...] = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELED, TaskState.TIMEOUT)
+FINISHED: tuple[TaskState, ...] = (
+    TaskState.SUCCEEDED,
+    TaskState.FAILED,
+    TaskState.CANCELED,
+    TaskState.TIMEOUT,
+    TaskState.ROLLED_BACK,
+)
+# Finished without the new version running: what abort and wave rules count against a job.
+FAILURES: tuple[TaskState, ...] = (TaskState.FAILED, TaskState.TIMEOUT, TaskState.ROLLED_BACK)
+# What an operator's retry may restart.
+RETRYABLE: tuple[TaskState, ...] = (TaskState.FAILED, TaskState.TIMEOUT, TaskState.CANCELED, TaskState.ROLLED_BACK)
 TASK_STATES: tuple[TaskState, ...] = tuple(TaskState)
 LIVE_JOBS: tuple[JobStatus, ...] = (JobStatus.SCHEDULED, JobStatus.RUNNING, JobStatus.PAUSED)
 JOB_DONE: tuple[JobStatus, ...] = (JobStatus.COMPLETED, JobStatus.CANCELED, JobStatus.ABORTED)
 JOB_STATES: tuple[JobStatus, ...] = tuple(JobStatus)
+
+
+# Actor of what the server's own rules do (abort, wave gates, completion) in the upgrade log.
+SYSTEM = "system"
 
 
 def sql_list(states: tuple[StrEnum, ...]) -> str:
@@ -186,6 +228,8 @@ class JobSpec:
     abort_min_finished: int = 1
     waves: tuple[Wave, ...] = ()
     schedule: Schedule = field(default_factory=Schedule)
+    allow_downgrade: bool = False
+    rollback_watch_seconds: float = 600.0
     # The schedule as the operator gave it (ISO strings, "HH:MM" pairs), shown back unchanged.
     schedule_text: dict[str, Any] = field(default_factory=dict)
 
@@ -254,3 +298,4 @@ class Event:
     attempt: int
     wave: int | None
     bytes_downloaded: int | None
+    actor: str | None = None

@@ -7,10 +7,25 @@ functions, and acts. Times are epoch seconds.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from otabox.models import ACTIVE, Device, JobStatus, PauseCause, Schedule, Scope, TaskState, Wave
+from otabox.models import (
+    ACTIVE,
+    FAILURES,
+    IN_FLIGHT,
+    Device,
+    JobMode,
+    JobSpec,
+    JobStatus,
+    PauseCause,
+    Schedule,
+    Scope,
+    TaskState,
+    Waiting,
+    Wave,
+)
 
 # ---------------------------------------------------------------- schedule window
 
@@ -50,6 +65,24 @@ def wave_sizes(n: int, waves: tuple[Wave, ...]) -> list[int]:
     return sizes
 
 
+def joiner_wave(per_wave: list[int], waves: tuple[Wave, ...]) -> int:
+    """The wave (1-based) of a device joining an incremental job whose waves hold `per_wave` devices.
+
+    Joiners fill the waves in order by the same cumulative percents as a snapshot job's devices:
+    the first wave whose share of the job, counting the joiner, is not yet reached. So the first
+    joiner of an empty job is a canary, and the waves keep their proportions as the job grows.
+    """
+    if not waves:
+        return 0
+    n = sum(per_wave) + 1
+    held = 0
+    for i, w in enumerate(waves):
+        held += per_wave[i] if i < len(per_wave) else 0
+        if i == len(waves) - 1 or held < math.ceil(n * w.percent / 100.0):
+            return i + 1
+    return len(waves)
+
+
 def assign_waves(n: int, waves: tuple[Wave, ...]) -> list[int]:
     """Wave number (1-based) for each of n devices in order; 0 when the job has no waves."""
     if not waves:
@@ -83,8 +116,9 @@ def wave_decision(counts: dict[TaskState, int], wave: Wave, number: int) -> Wave
 
 
 def failures(counts: dict[TaskState, int]) -> tuple[int, int]:
-    """(failures, finished) as the abort rule counts them: timeouts are failures, cancels are neither."""
-    failed = counts.get(TaskState.FAILED, 0) + counts.get(TaskState.TIMEOUT, 0)
+    """(failures, finished) as the abort rule counts them: timeouts and rollbacks are failures,
+    cancels are neither."""
+    failed = sum(counts.get(s, 0) for s in FAILURES)
     return failed, failed + counts.get(TaskState.SUCCEEDED, 0)
 
 
@@ -147,6 +181,20 @@ def retry_at(attempt: int, retry_count: int, interval: float, now: float) -> flo
     return None
 
 
+def rolled_back(
+    version: str, from_version: str | None, to_version: str, finished_at: float | None, watch_seconds: float, now: float
+) -> bool:
+    """A succeeded task's device reports `version`: is that a rollback to the image it left?"""
+    return (
+        watch_seconds > 0
+        and finished_at is not None
+        and now - finished_at <= watch_seconds
+        and from_version is not None
+        and version == from_version
+        and version != to_version
+    )
+
+
 def inform_outcome(version: str, from_version: str | None, to_version: str) -> tuple[TaskState, str] | None:
     """(status, desc) an inform causes for an in-flight task, or None for no change."""
     if version == to_version:
@@ -199,3 +247,82 @@ def resume(status: JobStatus, cause: PauseCause, current_wave: int, waves: int) 
     if cause == PauseCause.WAVE_GATE and current_wave < waves:
         return Resume(current_wave + 1)
     return Resume(current_wave)
+
+
+# ---------------------------------------------------------------- versions
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    # Natural order: digit runs compare as numbers, other runs as text, separators are ignored.
+    parts = re.findall(r"\d+|[A-Za-z]+", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in parts)
+
+
+def is_downgrade(current: str | None, target: str) -> bool:
+    """True when a device on `current` would move to a lower `target` (natural version order).
+
+    Unknown versions and versions that compare equal are never downgrades.
+    """
+    if not current or current == target:
+        return False
+    return _version_key(target) < _version_key(current)
+
+
+# ---------------------------------------------------------------- why a job is not moving
+
+
+@dataclass(frozen=True, slots=True)
+class WaitState:
+    """Why no task of a live job can move now (`waiting` in the API), and until when if known."""
+
+    reason: Waiting
+    until: float | None = None
+
+
+def next_window_open(s: Schedule, now: float) -> float | None:
+    """When the daily window next opens after `now` (None without a daily window)."""
+    if s.daily is None:
+        return None
+    local = datetime.fromtimestamp(now, UTC) + timedelta(minutes=s.tz_offset_minutes)
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(minutes=s.daily[0])
+    if start <= local:
+        start += timedelta(days=1)
+    return (start - timedelta(minutes=s.tz_offset_minutes)).timestamp()
+
+
+def waiting(
+    status: JobStatus,
+    cause: PauseCause,
+    spec: JobSpec,
+    counts: dict[TaskState, int],
+    *,
+    open_wave_pending: int,
+    online_pending: int,
+    tokens: int,
+    now: float,
+) -> WaitState | None:
+    """Why nothing moves, or None while something can (or nothing is left to do).
+
+    `open_wave_pending` counts pending tasks in the waves already open, `online_pending` those
+    of them whose device is online; `tokens` is what the rate limit allows now.
+    """
+    if status == JobStatus.PAUSED:
+        return WaitState(Waiting.WAVE_GATE if cause == PauseCause.WAVE_GATE else Waiting.PAUSED)
+    if status == JobStatus.SCHEDULED or (spec.schedule.start is not None and now < spec.schedule.start):
+        return WaitState(Waiting.BEFORE_START, spec.schedule.start)
+    if status != JobStatus.RUNNING or not counts.get(TaskState.PENDING, 0):
+        return None
+    if not window_open(spec.schedule, now):
+        return WaitState(Waiting.OUTSIDE_WINDOW, next_window_open(spec.schedule, now))
+    if not open_wave_pending:
+        return None  # the rest waits for a later wave, which opens as the current one finishes
+    in_flight = sum(counts.get(s, 0) for s in IN_FLIGHT)
+    if spec.max_concurrency is not None and in_flight >= spec.max_concurrency:
+        return WaitState(Waiting.CONCURRENCY_FULL)
+    if tokens <= 0:
+        return WaitState(Waiting.RATE_LIMITED)
+    if spec.mode == JobMode.REQUEST:
+        return WaitState(Waiting.AWAITING_REQUESTS)
+    if not online_pending:
+        return WaitState(Waiting.DEVICES_OFFLINE)
+    return None

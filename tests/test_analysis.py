@@ -93,8 +93,10 @@ def test_coerce_types_every_column() -> None:
     frame = scenario()
     assert list(frame.columns) == list(analysis.SCHEMAS["events"])
     assert isinstance(frame["ts"].dtype, pd.DatetimeTZDtype) and str(frame["ts"].dtype.tz) == "UTC"
-    assert list(frame["status"].cat.categories) == analysis.TASK_STATUSES
-    assert list(frame["kind"].cat.categories) == ["state", "progress"]
+    job_rows = ["paused", "resumed", "aborted", "waveOpened", "completed"]  # "canceled" is a task state too
+    assert list(frame["status"].cat.categories) == [*analysis.TASK_STATUSES, *job_rows]
+    assert analysis.TASK_STATUSES[-1] == "rolledBack"
+    assert list(frame["kind"].cat.categories) == ["state", "progress", "job"]
     assert list(frame["jobType"].cat.categories) == ["upgrade", "verify"]
     for column in ["seq", "step", "attempt", "wave", "bytesDownloaded"]:
         assert frame[column].dtype == "Int64", column
@@ -104,7 +106,8 @@ def test_coerce_types_every_column() -> None:
 def test_coerce_keeps_unknown_categories_and_rejects_garbage() -> None:
     frame = analysis.coerce(pd.DataFrame({"status": ["pending", "paused-ish"]}), "events")
     assert list(frame["status"].astype(str)) == ["pending", "paused-ish"]
-    assert list(frame["status"].cat.categories) == [*analysis.TASK_STATUSES, "paused-ish"]
+    known = list(analysis.SCHEMAS["events"]["status"])
+    assert list(frame["status"].cat.categories) == [*known, "paused-ish"]
     with pytest.raises(ValueError):
         analysis.coerce(pd.DataFrame({"step": ["35", "lots"]}), "events")
 
@@ -113,9 +116,9 @@ def test_status_counts() -> None:
     counts = analysis.status_counts(scenario())
     assert records(counts) == [
         {"jobId": "J1", "tasks": 5, "pending": 0, "published": 1, "upgrading": 0, "succeeded": 1,
-         "failed": 1, "canceled": 1, "timeout": 1},
+         "failed": 1, "canceled": 1, "timeout": 1, "rolledBack": 0},
         {"jobId": "J2", "tasks": 5, "pending": 0, "published": 0, "upgrading": 0, "succeeded": 1,
-         "failed": 4, "canceled": 0, "timeout": 0},
+         "failed": 4, "canceled": 0, "timeout": 0, "rolledBack": 0},
     ]  # fmt: skip
     assert analysis.status_counts(scenario(), "J2")["jobId"].tolist() == ["J2"]
 
@@ -212,14 +215,14 @@ def test_failure_breakdown_by_version_attempt_and_job() -> None:
 def test_completion_over_time() -> None:
     curve = analysis.completion_over_time(scenario(), "J1", freq="5s")
     assert list(curve.index) == [pd.Timestamp(BASE + timedelta(seconds=s)) for s in (0, 5, 10, 15)]
-    assert curve.columns.tolist() == ["elapsed_s", "succeeded", "failed", "canceled", "timeout", "done"]
+    assert curve.columns.tolist() == ["elapsed_s", "succeeded", "failed", "canceled", "timeout", "rolledBack", "done"]
     # First event at +1 s; each row holds at its bin's end. a succeeds at +5, b fails at +11,
     # c times out at +15, d is canceled at +17; e is still published.
     assert curve.values.tolist() == [
-        [4.0, 0, 0, 0, 0, 0],
-        [9.0, 1, 0, 0, 0, 1],
-        [14.0, 1, 1, 0, 0, 2],
-        [19.0, 1, 1, 1, 1, 4],
+        [4.0, 0, 0, 0, 0, 0, 0],
+        [9.0, 1, 0, 0, 0, 0, 1],
+        [14.0, 1, 1, 0, 0, 0, 2],
+        [19.0, 1, 1, 1, 1, 0, 4],
     ]
     assert analysis.completion_over_time(scenario(), "nope").empty
 

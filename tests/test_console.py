@@ -171,13 +171,14 @@ async def test_pages_render(server: Server, ui: Console) -> None:
     assert "east roll" in page and "Firmware waiting for verification" in page and "fw-2.0.0" in page
     page = await ui.get("/ui/devices?product=pk1&tag=site:east&online=false")
     assert "d1" in page and "d2" not in page and "1 device(s) match" in page
-    assert "key:value" in await ui.get("/ui/devices?product=pk1&tag=nonsense")
+    assert "key=value" in await ui.get("/ui/devices?product=pk1&tag=nonsense")
     page = await ui.get("/ui/devices/pk1/d1")
     assert "Task history" in page and "east roll" in page
     assert "east roll" in await ui.get("/ui/jobs?tab=running")
     assert "No finished job" in await ui.get("/ui/jobs?tab=finished")
     page = await ui.get(f"/ui/jobs/{job['id']}?tab=pending&q=d")
-    assert "running: 0 in flight, 2 waiting" in page and 'aria-current="page">Pending (2)' in page
+    assert "running: waiting for 2 offline device(s) to connect" in page and 'aria-current="page">Pending (2)' in page
+    assert 'id="job-settings"' in page and "2 h 0 min per device" in page  # the job's settings are shown
     assert "d1" in page and "d2" in page
     page = await ui.get(f"/ui/jobs/{job['id']}?q=d2")
     assert ">d2<" in page and ">d1<" not in page
@@ -302,7 +303,7 @@ async def test_pause_resume_cancel_and_retry(server: Server, ui: Console) -> Non
     page = await ui.get(f"/ui/jobs/{job['id']}?tab=failed")
     assert "-3 verification failed" in page and "signature check failed" in page
     fragment = await ui.post(f"/ui/jobs/{job['id']}/pause", htmx=True)
-    assert 'id="job-state">paused<' in fragment and "paused by operator" in fragment
+    assert 'id="job-state">paused<' in fragment and "paused by admin" in fragment
     assert "cannot pause a paused job" in await ui.post(f"/ui/jobs/{job['id']}/pause", htmx=True)
     assert 'id="job-state">running<' in await ui.post(f"/ui/jobs/{job['id']}/resume", htmx=True)
     location = await ui.post(f"/ui/jobs/{job['id']}/retry", {"csrf": ui.csrf, "deviceKey": "d1"}, expect=303)
@@ -312,7 +313,7 @@ async def test_pause_resume_cancel_and_retry(server: Server, ui: Console) -> Non
     assert "1 pending or in-flight device task(s) will be canceled" in await ui.get(f"/ui/jobs/{job['id']}/cancel")
     await ui.post(f"/ui/jobs/{job['id']}/cancel", {"csrf": ui.csrf}, expect=303)
     page = await ui.get(f"/ui/jobs/{job['id']}")
-    assert "canceled by operator" in page and "Cancel job" not in page
+    assert "canceled by admin" in page and "Cancel job" not in page
     csv_text = await ui.get(f"/ui/events/export?jobId={job['id']}&format=csv")
     assert csv_text.startswith("seq,ts,jobId") and "signature check failed" in csv_text
     await dev.close()

@@ -357,12 +357,16 @@ async def test_verify_job_gates_upgrade_jobs(server: Server) -> None:
 
 
 async def test_one_active_task_per_device_and_firmware_in_use(server: Server, fw: dict[str, Any]) -> None:
-    devs = await fleet(server, {"d1": "1.0"})
+    devs = await fleet(server, {"d1": "1.0", "d2": "1.0"})
     d = await devs["d1"].connect("1.0")
+    await (await devs["d2"].connect("1.0")).close()
     fw3 = await server.firmware("pk1", "3.0", b"y" * 10)
-    j1 = await job(server, fw)
+    j1 = await job(server, fw, scope={"deviceKeys": ["d1"]})
     j2 = await job(server, fw3)
-    assert j1["total"] == 1 and j2["total"] == 0 and j2["skipped"] == 1  # the device is busy in j1
+    assert j1["total"] == 1 and j2["total"] == 1 and j2["skipped"] == 1  # d1 is busy in j1
+    busy = await job(server, fw3, expect=400, scope={"deviceKeys": ["d1"]})
+    assert "1 matching device(s) are busy" in busy["error"]["message"]
+    await server.call("POST", f"/jobs/{j2['id']}/cancel", 200)
     err = await server.call("DELETE", f"/firmware/{fw['id']}", 409)
     assert j1["id"] in err["error"]["message"]
     await server.call("POST", f"/jobs/{j1['id']}/pause", 200)
@@ -434,11 +438,13 @@ async def test_upgrade_log_jsonl_and_csv(server: Server, fw: dict[str, Any]) -> 
         ("upgrading", "state", 10),
         ("upgrading", "progress", 70),
         ("succeeded", "state", 70),
+        ("completed", "job", None),
     ]
+    rows = rows[:-1]
     assert all(r["jobId"] == j["id"] and r["fromVersion"] == "1.0" and r["toVersion"] == "2.0" for r in rows)
     assert rows[0]["ts"].endswith("Z") and rows[-1]["attempt"] == 1
     text = (await server.call("GET", f"/events?jobId={j['id']}&format=csv")).decode()
     parsed = list(csv.DictReader(io.StringIO(text)))
-    assert [r["status"] for r in parsed] == [r["status"] for r in rows]
+    assert [r["status"] for r in parsed] == [*(r["status"] for r in rows), "completed"]
     assert parsed[0]["step"] == "" and parsed[2]["step"] == "10"
     await d.close()

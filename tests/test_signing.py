@@ -7,8 +7,19 @@ from typing import Any
 
 import pytest
 
-from otabox.server.keys import verify_file_signature
+from otabox.device.download import VerifyError, load_public_key, verify_signature
 from tests.conftest import Device, Server
+
+
+def verify_file_signature(public_key: str, data: bytes, signature: str, tmp_path: Path) -> bool:
+    """Check a signature the way a device does (the SDK's own check, on a file)."""
+    image = tmp_path / "image.bin"
+    image.write_bytes(data)
+    try:
+        verify_signature(load_public_key(public_key), image, signature)
+    except VerifyError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -23,8 +34,9 @@ async def test_firmware_is_signed_and_the_signature_reaches_the_device(server: S
     await server.product("pk1")
     content = bytes(range(256)) * 300
     fw = await server.firmware("pk1", "2.0", content)
-    assert verify_file_signature(key["publicKey"], content, fw["signature"])
-    assert not verify_file_signature(key["publicKey"], content + b"!", fw["signature"])
+    assert verify_file_signature(key["publicKey"], content, fw["signature"], tmp_path)
+    assert verify_file_signature(key["pem"], content, fw["signature"], tmp_path)
+    assert not verify_file_signature(key["publicKey"], content + b"!", fw["signature"], tmp_path)
 
     dev = Device(server, "pk1", "d1", (await server.device("d1"))["deviceSecret"])
     await dev.connect("1.0")
@@ -32,8 +44,16 @@ async def test_firmware_is_signed_and_the_signature_reaches_the_device(server: S
     params = await dev.push()
     async with server.http.get(params["fileUrl"]) as resp:
         body = await resp.read()
-    assert verify_file_signature(key["publicKey"], body, params["signature"])
+    assert verify_file_signature(key["publicKey"], body, params["signature"], tmp_path)
     await dev.close()
+
+
+async def test_the_public_key_needs_no_token(server: Server) -> None:
+    async with server.http.get(server.url + "/api/v1/signing-key", headers={"Authorization": ""}) as resp:
+        assert resp.status == 200 and (await resp.json())["algorithm"] == "Ed25519"
+    # Everything else under /api/v1 still does.
+    async with server.http.get(server.url + "/api/v1/products", headers={"Authorization": ""}) as resp:
+        assert resp.status == 401
 
 
 async def test_the_key_survives_a_restart(server: Server, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -28,7 +29,15 @@ def cmd_export(args: argparse.Namespace, client: Client) -> int:
             since = parse_iso(args.since) if args.since else None
             bar = None if args.json else progress_bar("exporting")
             counts = asyncio.run(
-                export_data_dir(Path(args.data_dir or "./otabox-data"), path, fmt, args.job, args.product, since, bar)
+                export_data_dir(
+                    Path(args.data_dir or os.environ.get("OTABOX_DATA_DIR") or "./otabox-data"),
+                    path,
+                    fmt,
+                    args.job,
+                    args.product,
+                    since,
+                    bar,
+                )
             )
     except (ValueError, LookupError, OSError, sqlite3.Error) as exc:
         print(f"otabox export: {exc}", file=sys.stderr)

@@ -35,15 +35,22 @@ def _counts_line(job: dict[str, Any]) -> str:
     parts = [f"{s} {c[s]}" for s in TASK_STATES if c.get(s)]
     wave = f" wave {job['currentWave']}/{len(job['waves'])}" if job.get("waves") else ""
     reason = f" ({job['statusReason']})" if job.get("statusReason") else ""
-    return f"{job['id']} {job['status']}{reason}{wave}: {', '.join(parts) or 'no tasks'} [total {job['total']}]"
+    waiting = job.get("waiting") or {}
+    why = ""
+    if waiting:
+        why = f"; waiting: {waiting['reason']}" + (f" until {waiting['until']}" if waiting.get("until") else "")
+    counts = ", ".join(parts) or "no tasks"
+    return f"{job['id']} {job['status']}{reason}{wave}: {counts} [total {job['total']}]{why}"
 
 
 def cmd_create(args: argparse.Namespace, c: Client) -> None:
     job = c.post("/jobs", body_from_args(args))
     if args.json:
         _show(args, job)
-    else:
-        print(f"created {_counts_line(job)}")
+        return
+    print(f"created {_counts_line(job)}")
+    for warning in job.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_list(args: argparse.Namespace, c: Client) -> None:

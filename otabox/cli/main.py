@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `otabox device list pk | head`: the reader has seen enough, which is no error. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
@@ -88,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": {"status": exc.status, "code": exc.code, "message": exc.message}}))
         print(f"otabox: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         if exc.filename is not None:  # a local file (firmware, import, --secrets-out), not the network
             print(f"otabox: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the install
     aiomqtt = None  # type: ignore[assignment]
 
 from otabox import protocol
-from otabox.device.download import DownloadError, Offer, OfferError, VerifyError, to_file
+from otabox.device.download import DownloadError, Offer, OfferError, VerifyError, load_public_key, to_file
 
 __all__ = [
     "Decision",
@@ -49,6 +49,7 @@ __all__ = [
     "RequestFailed",
     "UpgradeFailed",
     "VerificationFailed",
+    "fetch_signing_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,18 @@ class Device:
         reconnect_min: float = RECONNECT_MIN,
         reconnect_max: float = RECONNECT_MAX,
         progress_every: int = 10,
+        signing_key: str | bytes | None = None,
     ) -> None:
-        """Validate settings; nothing connects until `start()`. Raises ValueError for a bad sign method."""
+        """Validate settings; nothing connects until `start()`.
+
+        `signing_key` is the server's Ed25519 public key (`publicKey` or `pem` of
+        `GET /api/v1/signing-key`, see `fetch_signing_key`): with it, `download` accepts only files
+        whose offer carries a valid `signature` and reports step -3 otherwise.
+        Raises ValueError for a bad sign method or signing key.
+        """
         if sign_method not in protocol.SIGN_METHODS:
             raise ValueError(f"sign_method must be one of {', '.join(protocol.SIGN_METHODS)}")
+        self.public_key = load_public_key(signing_key) if signing_key else None
         self.host, self.port = host, port
         self.product_key, self.device_key = product_key, device_key
         self.version = version
@@ -520,7 +529,8 @@ class Device:
         """Download the offer's file to `path`, resuming with Range, and verify size and sign.
 
         Writes `<path>.part` first (a later call resumes it) and renames it to `path` only once
-        `fileSize` and `sign` match. Reports progress every `progress_every` percent of the file,
+        `fileSize` and `sign` match (and, with a `signing_key`, the Ed25519 `signature`).
+        Reports progress every `progress_every` percent of the file,
         scaled into the steps `span` (default 0..80, leaving room for flashing). Network errors are
         retried DOWNLOAD_ATTEMPTS times, each resuming where the last stopped. Returns `path`.
         Raises DownloadFailed (step -2 reported) or VerificationFailed (step -3 reported; the bad
@@ -542,6 +552,7 @@ class Device:
                 every=self.progress_every,
                 attempts=DOWNLOAD_ATTEMPTS,
                 retry_delay=DOWNLOAD_RETRY_DELAY,
+                public_key=self.public_key,
             )
         except DownloadError as exc:
             await self.report_failure(FailureCode.DOWNLOAD, str(exc))
@@ -549,7 +560,8 @@ class Device:
         except VerifyError as exc:
             await self.report_failure(FailureCode.VERIFY, str(exc))
             raise VerificationFailed(str(exc), reported=True) from exc
-        await self._try_progress(hi, "downloaded and verified")
+        checked = "size, digest and signature" if self.public_key else "size and digest"
+        await self._try_progress(hi, f"downloaded; {checked} verified")
         return result
 
     async def _session(self) -> aiohttp.ClientSession:
@@ -572,3 +584,20 @@ def _code(rc: Any) -> int:
 
 def _same(a: Offer, b: Offer) -> bool:
     return (a.job_id, a.version, a.sign) == (b.job_id, b.version, b.sign)
+
+
+async def fetch_signing_key(base_url: str, session: aiohttp.ClientSession | None = None) -> str:
+    """The server's Ed25519 public key (base64) from `{base_url}/api/v1/signing-key` (no token needed).
+
+    Fetch it once, when the device is provisioned, and keep it: a device that fetches the key at
+    every upgrade trusts whoever answers. Raises aiohttp.ClientError (404: the server does not sign).
+    """
+    own = session is None
+    http = session or aiohttp.ClientSession()
+    try:
+        async with http.get(base_url.rstrip("/") + "/api/v1/signing-key", raise_for_status=True) as resp:
+            data = await resp.json()
+            return str(data["publicKey"])
+    finally:
+        if own:
+            await http.close()

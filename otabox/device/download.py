@@ -7,6 +7,8 @@ Shared by the device SDK (`otabox.device`, which writes to a file) and the fleet
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import logging
 import os
@@ -17,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = [
     "DownloadError",
@@ -115,6 +120,39 @@ def new_hasher(sign_method: str) -> Any:
     raise OfferError(f"unknown sign method {sign_method!r}")
 
 
+def load_public_key(key: str | bytes) -> Ed25519PublicKey:
+    """The server's Ed25519 public key from `GET /api/v1/signing-key`: its `publicKey` (base64 of
+    the raw 32 bytes) or its `pem`. Raises ValueError for anything else."""
+    text = key.decode() if isinstance(key, bytes) else key
+    try:
+        if "BEGIN PUBLIC KEY" in text:
+            loaded = serialization.load_pem_public_key(text.encode())
+            if not isinstance(loaded, Ed25519PublicKey):
+                raise ValueError("not an Ed25519 key")
+            return loaded
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"not an Ed25519 public key: {exc}") from exc
+
+
+def verify_signature(public_key: Ed25519PublicKey, path: Path, signature: str) -> None:
+    """Check the offer's `signature` (base64 Ed25519 of the whole file) against the file at `path`.
+
+    Raises VerifyError when the offer has no signature, it is not base64, or it does not verify.
+    Blocking (reads the file): run it in a thread.
+    """
+    if not signature:
+        raise VerifyError("the offer carries no signature, but this device requires signed firmware")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (ValueError, binascii.Error) as exc:
+        raise VerifyError(f"signature is not base64: {exc}") from exc
+    try:
+        public_key.verify(raw, path.read_bytes())
+    except InvalidSignature as exc:
+        raise VerifyError("Ed25519 signature does not match the file") from exc
+
+
 def check(offer: Offer, size: int, digest: str) -> None:
     """Raise VerifyError unless `size` and the hex `digest` match the offer."""
     if size != offer.file_size:
@@ -191,8 +229,11 @@ async def to_file(
     every: int = 10,
     attempts: int = 5,
     retry_delay: float = 0.5,
+    public_key: Ed25519PublicKey | None = None,
 ) -> Path:
     """Download `offer` into `path` via `<path>.part`, resuming with Range; verify; rename into place.
+
+    With `public_key` the file must also carry a valid Ed25519 `signature` (VerifyError otherwise).
 
     A `.part` file left by an earlier call is resumed (its bytes are hashed first). Retryable
     errors are retried up to `attempts` times in all, each resuming where the last stopped,
@@ -246,6 +287,8 @@ async def to_file(
                 await asyncio.sleep(retry_delay * failures)
     try:
         check(offer, offset, hasher.hexdigest())
+        if public_key is not None:
+            await asyncio.to_thread(verify_signature, public_key, part, offer.signature)
     except VerifyError:
         part.unlink(missing_ok=True)
         raise

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from otabox.models import EventKind, FirmwareStatus, JobMode, JobPolicy, JobStatus, JobType, TaskState
+from otabox.models import EventKind, FirmwareStatus, JobEvent, JobMode, JobPolicy, JobStatus, JobType, TaskState
 
 FORMATS = ("csv", "jsonl", "parquet")
 TASK_STATUSES = [s.value for s in TaskState]
+# The `status` of a job-level event row (kind "job", deviceKey empty).
+JOB_EVENTS = [e.value for e in JobEvent]
 
 EVENTS: dict[str, Any] = {
     "seq": "int",
@@ -23,13 +25,14 @@ EVENTS: dict[str, Any] = {
     "deviceKey": "str",
     "fromVersion": "str",
     "toVersion": "str",
-    "status": TASK_STATUSES,
+    "status": list(dict.fromkeys(TASK_STATUSES + JOB_EVENTS)),
     "kind": [k.value for k in EventKind],
     "step": "int",
     "desc": "str",
     "attempt": "int",
     "wave": "int",
     "bytesDownloaded": "int",
+    "actor": "str",
 }
 JOBS: dict[str, Any] = {
     "id": "str",

@@ -9,6 +9,7 @@ Stop runs in reverse and is idempotent.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from otabox.server.throttle import LoginLimiter
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_KEY = "admin_token_sha256"
+LOCK_FILE = "otabox.lock"
 # Pending HTTP connections the kernel queues (a fleet's downloads can arrive at once).
 HTTP_BACKLOG = 1024
 
@@ -58,6 +60,7 @@ class App:
         self.gateway: DeviceGateway | None = None
         self._runner: web.AppRunner | None = None
         self._http_sock: socket.socket | None = None
+        self._lock: int | None = None
         self._stopped = False
 
     @property
@@ -86,6 +89,7 @@ class App:
         s = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
+        self._lock = lock_data_dir(self.data_dir)
         keys = Keys.load_or_create(self.data_dir)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
         store = self.store = await Store.open(self.data_dir / "otabox.db")
@@ -103,7 +107,7 @@ class App:
         engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval)
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
-        gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox)
+        gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox, s.last_seen_interval)
         self.broker = OtaBroker(gateway, outbox, s.host, s.mqtt_port, s.connect_timeout)
         await self.broker.start()
 
@@ -127,7 +131,7 @@ class App:
         await self._runner.setup()
         await web.SockSite(self._runner, self._http_sock).start()
 
-        engine.start()
+        await engine.start()
         write_private(self.data_dir / "ports.json", json.dumps({"http": http_port, "mqtt": status.mqtt_port}).encode())
         status.ready.set()
         log.info(
@@ -171,7 +175,35 @@ class App:
                 log.exception("broker shutdown failed")
         if self.store is not None:
             await self.store.close()
+        if self._lock is not None:
+            # Only the server holding the lock wrote ports.json; a clean stop takes it back.
+            (self.data_dir / "ports.json").unlink(missing_ok=True)
+            os.close(self._lock)  # releases the lock
+            self._lock = None
         log.info("otabox stopped")
+
+
+class DataDirLocked(OSError):
+    """Another otabox process serves this data dir."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's exclusive lock for this process's lifetime; returns the lock's fd.
+
+    Raises DataDirLocked when another server holds it: two servers on one data dir would both
+    write the database and fight over ports.json. The kernel drops the lock when the process
+    dies, however it dies, so a crash never leaves a stale lock behind.
+    """
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DataDirLocked(f"{data_dir} is in use by another otabox server (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _family(host: str) -> socket.AddressFamily:

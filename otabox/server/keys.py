@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from otabox.models import Firmware
 
@@ -147,18 +147,6 @@ class Signer:
                 return base64.b64encode(self._key.sign(b"")).decode()
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 return base64.b64encode(self._key.sign(memoryview(data))).decode()
-
-
-def verify_file_signature(public_key_b64: str, data: bytes, signature_b64: str) -> bool:
-    """Check a firmware signature the way a device would (raw 32-byte public key, base64)."""
-    from cryptography.exceptions import InvalidSignature
-
-    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64))
-    try:
-        key.verify(base64.b64decode(signature_b64), data)
-    except InvalidSignature:
-        return False
-    return True
 
 
 class FileUrls:

@@ -9,6 +9,7 @@ from typing import Any
 
 from otabox import jobspec
 from otabox.models import TASK_STATES, Device, Event, Firmware, Job, Product, Task, TaskState, iso
+from otabox.rollout import WaitState
 
 
 def product(p: Product) -> dict[str, Any]:
@@ -74,6 +75,12 @@ def job(j: Job, counts: dict[TaskState, int], retries_pending: int) -> dict[str,
     }
 
 
+def waiting(w: WaitState | None) -> dict[str, Any] | None:
+    if w is None:
+        return None
+    return {"reason": w.reason.value, **({"until": iso(w.until)} if w.until is not None else {})}
+
+
 def task(t: Task) -> dict[str, Any]:
     return {
         "jobId": t.job_id,
@@ -114,4 +121,5 @@ def event(e: Event) -> dict[str, Any]:
         "attempt": e.attempt,
         "wave": e.wave,
         "bytesDownloaded": e.bytes_downloaded,
+        "actor": e.actor,
     }

@@ -50,9 +50,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", float, 10.0, "Seconds a new MQTT connection has to send CONNECT."),
     Setting("login_fail_limit", int, 10, "Failed MQTT logins per device key or address before a lockout."),
     Setting("login_fail_window", float, 60.0, "Seconds over which failed logins are counted (and locked out)."),
-    # The scheduler tick trades push latency against idle CPU: each tick runs a few
+    # The job engine's tick trades push latency against idle CPU: each tick runs a few
     # indexed queries, never a scan of the fleet.
-    Setting("scheduler_interval", float, 1.0, "Seconds between scheduler ticks (timeouts, retries, pushes)."),
+    Setting("scheduler_interval", float, 1.0, "Seconds between job engine ticks (timeouts, retries, pushes)."),
+    # lastSeen of a device that keeps talking is written at most this often (connect, version
+    # reports and disconnect always write it): fresh for people, cheap under a fleet's progress.
+    Setting("last_seen_interval", float, 30.0, "Seconds between lastSeen updates of a device that keeps talking."),
     Setting("log_level", str, "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -73,6 +76,7 @@ class Settings:
     login_fail_limit: int = 10
     login_fail_window: float = 60.0
     scheduler_interval: float = 1.0
+    last_seen_interval: float = 30.0
     log_level: str = "INFO"
 
     @property

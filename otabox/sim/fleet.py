@@ -158,16 +158,21 @@ class Fleet:
         self.connect_seconds = round(time.monotonic() - self.started, 3)
 
     async def _poll(self) -> None:
-        """Request mode: every `poll` seconds each waiting device asks for offers, spread over the interval."""
+        """Request mode: every `poll` seconds each waiting device asks for offers, spread over the interval.
+
+        Until stopped (a run that follows a job), failed devices keep asking too: the job's retry
+        policy may grant them another attempt, which a request-mode device only gets by asking.
+        """
         cfg = self.config
         batch = 200
+        asking = (WAITING, FAILED) if cfg.until_stopped else (WAITING,)
         while True:
             started = time.monotonic()
-            waiting = [d for d in self.devices if d.outcome == WAITING and d.client.connected]
+            waiting = [d for d in self.devices if d.outcome in asking and d.client.connected]
             pause = cfg.poll / max(1, (len(waiting) + batch - 1) // batch)
             for i in range(0, len(waiting), batch):
                 for dev in waiting[i : i + batch]:
-                    if dev.outcome == WAITING and dev.client.connected:
+                    if dev.outcome in asking and dev.client.connected:
                         await dev.send(protocol.GETVERSION, "ota.device.getversion", {})
                 await asyncio.sleep(pause)
             await asyncio.sleep(max(0.0, cfg.poll - (time.monotonic() - started)))

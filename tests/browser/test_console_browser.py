@@ -105,7 +105,7 @@ def test_push_job_from_the_form_live(live: LiveServer, watch: PageWatch, context
 
     page.get_by_role("button", name="Pause").click()
     expect(page.locator("#job-state")).to_have_text("paused")
-    expect(page.locator("#job-reason")).to_have_text("paused by operator")
+    expect(page.locator("#job-reason")).to_have_text("paused by admin")
     # In-flight devices finish; nothing new is pushed while paused.
     expect(page.locator("#count-upgrading")).to_have_text("0")
     expect(page.locator("#count-published")).to_have_text("0")

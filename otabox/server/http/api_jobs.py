@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 from aiohttp import web
 
@@ -14,7 +15,16 @@ from otabox.export.schema import EVENT_COLUMNS
 from otabox.jobspec import str_list
 from otabox.models import JOB_STATES, TASK_STATES, Job, JobStatus, TaskState
 from otabox.server import present
-from otabox.server.http.plumbing import API_PREFIX, json_response, listing, page, parse_time, read_json, services
+from otabox.server.http.plumbing import (
+    API_PREFIX,
+    actor,
+    json_response,
+    listing,
+    page,
+    parse_time,
+    read_json,
+    services,
+)
 from otabox.server.services import Services
 
 # Bytes of the upgrade log buffered before a write to the client.
@@ -22,8 +32,11 @@ STREAM_CHUNK = 64 * 1024
 
 
 async def job_view(svc: Services, job: Job) -> dict[str, object]:
-    """A job as the API shows it: with counts per task state and retries still due."""
-    return present.job(job, await svc.store.job_counts(job.id), await svc.store.retries_pending(job.id))
+    """A job as the API shows it: with counts per task state, retries still due and why it waits."""
+    counts = await svc.store.job_counts(job.id)
+    out = present.job(job, counts, await svc.store.retries_pending(job.id))
+    out["waiting"] = present.waiting(await svc.jobs.waiting(job, counts, time.time()))
+    return out
 
 
 def _state(value: str | None, states: tuple[str, ...], name: str = "status") -> str | None:
@@ -34,8 +47,11 @@ def _state(value: str | None, states: tuple[str, ...], name: str = "status") -> 
 
 async def create_job(request: web.Request) -> web.Response:
     svc = services(request)
-    job = await svc.jobs.create(await read_json(request))
-    return json_response(await job_view(svc, job), status=201)
+    job, warnings = await svc.jobs.create(await read_json(request))
+    out = await job_view(svc, job)
+    if warnings:
+        out["warnings"] = warnings
+    return json_response(out, status=201)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -53,7 +69,9 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def job_action(request: web.Request) -> web.Response:
     svc = services(request)
-    job = await svc.jobs.change(await svc.jobs.get(request.match_info["id"]), request.match_info["action"])
+    job = await svc.jobs.change(
+        await svc.jobs.get(request.match_info["id"]), request.match_info["action"], actor(request)
+    )
     return json_response(await job_view(svc, job))
 
 
@@ -73,9 +91,9 @@ async def tasks_action(request: web.Request) -> web.Response:
     keys = str_list(body.get("deviceKeys"), "deviceKeys", protocol.valid_key)
     action = request.match_info["action"]
     if action == "cancel":
-        n = await svc.jobs.cancel_tasks(job, keys)
+        n = await svc.jobs.cancel_tasks(job, keys, actor(request))
     elif action == "retry":
-        n = await svc.jobs.retry_tasks(job, keys)
+        n = await svc.jobs.retry_tasks(job, keys, actor(request))
     else:
         raise NotFound("unknown tasks action")
     return json_response({"updated": n})

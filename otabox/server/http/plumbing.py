@@ -22,11 +22,22 @@ log = logging.getLogger(__name__)
 
 SERVICES: web.AppKey[Services] = web.AppKey("otabox", Services)
 API_PREFIX = "/api/v1"
+# API paths anyone may read: the firmware signing key is public (devices check signatures with it).
+PUBLIC_PATHS = frozenset({API_PREFIX + "/signing-key"})
 MAX_PAGE = 1000
 
 
 def services(request: web.Request) -> Services:
     return request.config_dict[SERVICES]
+
+
+# Who the upgrade log names for what a request did: the one admin token is all there is so far.
+ADMIN = "admin"
+
+
+def actor(request: web.Request) -> str:
+    """The operator behind a request, as the upgrade log names them."""
+    return ADMIN
 
 
 def parse_time(value: Any, field: str) -> float:
@@ -106,7 +117,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path.startswith(API_PREFIX + "/"):
+    if request.path.startswith(API_PREFIX + "/") and request.path not in PUBLIC_PATHS:
         svc = request.app[SERVICES]
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")

@@ -17,9 +17,11 @@ from typing import Any, Protocol
 from otabox import protocol, rollout
 from otabox.models import (
     IN_FLIGHT,
+    SYSTEM,
     Firmware,
     FirmwareStatus,
     Job,
+    JobEvent,
     JobMode,
     JobPolicy,
     JobStatus,
@@ -28,7 +30,7 @@ from otabox.models import (
     Task,
     TaskState,
 )
-from otabox.server.store import Store
+from otabox.server.store import JobLogEntry, Store
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,14 @@ class JobEngine:
         self._ids = itertools.count(int(time.time() * 1000) % 10**9)
         self.ticks = 0
         self._live: list[Job] | None = None
+        # Until when some succeeded task is still watched for a rollback: version reports after
+        # that cost no query (the common case once a rollout has settled).
+        self.watch_until = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        self.watch_until = await self.store.rollback_watch_until()
         self._task = asyncio.create_task(self._run(), name="otabox-job-engine")
 
     async def stop(self) -> None:
@@ -163,7 +169,14 @@ class JobEngine:
             return
         finishing = (spec.policy == JobPolicy.SNAPSHOT or ended) and (status != JobStatus.PAUSED or ended)
         if finishing and rollout.snapshot_done(counts, await self.store.retries_pending(job.id)):
-            await self.store.set_job(job.id, status=JobStatus.COMPLETED, finished_at=now, reason="")
+            summary = ", ".join(f"{s} {n}" for s, n in counts.items() if n)
+            await self.store.set_job(
+                job.id,
+                status=JobStatus.COMPLETED,
+                finished_at=now,
+                reason="",
+                event=JobLogEntry(JobEvent.COMPLETED, SYSTEM, summary),
+            )
             log.info("job %s completed: %s", job.id, counts)
             return
         if status != JobStatus.RUNNING:
@@ -184,13 +197,21 @@ class JobEngine:
             decision = rollout.wave_decision(await self.store.job_counts(job.id, current), waves[current - 1], current)
             if decision.action == "pause":
                 await self.store.set_job(
-                    job.id, status=JobStatus.PAUSED, reason=decision.reason, pause_cause=PauseCause.WAVE_GATE
+                    job.id,
+                    status=JobStatus.PAUSED,
+                    reason=decision.reason,
+                    pause_cause=PauseCause.WAVE_GATE,
+                    event=JobLogEntry(JobEvent.PAUSED, SYSTEM, decision.reason, current),
                 )
                 log.warning("job %s paused: %s", job.id, decision.reason)
                 return None
             if decision.action == "advance" and current < len(waves):
                 current += 1
-                await self.store.set_job(job.id, current_wave=current)
+                await self.store.set_job(
+                    job.id,
+                    current_wave=current,
+                    event=JobLogEntry(JobEvent.WAVE_OPENED, SYSTEM, f"wave {current - 1} passed", current),
+                )
                 log.info("job %s: wave %d started", job.id, current)
                 continue
             if current != job.current_wave:
@@ -200,7 +221,13 @@ class JobEngine:
     async def _abort(self, job: Job, counts: dict[TaskState, int], now: float) -> None:
         failed, finished = rollout.failures(counts)
         reason = f"aborted: {failed} of {finished} finished tasks failed"
-        await self.store.set_job(job.id, status=JobStatus.ABORTED, reason=reason, finished_at=now)
+        await self.store.set_job(
+            job.id,
+            status=JobStatus.ABORTED,
+            reason=reason,
+            finished_at=now,
+            event=JobLogEntry(JobEvent.ABORTED, SYSTEM, reason),
+        )
         await self.store.bulk_transition(
             job.id,
             (TaskState.PENDING,),
@@ -238,6 +265,10 @@ class JobEngine:
                 self.send_upgrade(job, fw, dk)
         if len(tasks) == budget:
             self.kick()  # more may be pushable right away (rate and concurrency permitting)
+
+    def tokens(self, job: Job, now: float) -> int:
+        """New pushes the job's rate limit allows now (for `waiting`)."""
+        return self._bucket(job, now).available()
 
     async def claim_offer(self, job: Job, device_key: str, now: float) -> bool:
         """Request mode: move a pending task to published if concurrency and rate allow; True when moved."""
@@ -322,7 +353,10 @@ class JobEngine:
         if ok:
             self.kick()
             if status == TaskState.SUCCEEDED:
-                await self._maybe_verified(task.job_id)
+                job = await self.store.get_job(task.job_id)
+                if job is not None:
+                    self.watch_until = max(self.watch_until, now + job.spec.rollback_watch_seconds)
+                    await self._maybe_verified(job)
         return ok
 
     async def fail(self, task: Task, step: int | None, desc: str) -> None:
@@ -333,16 +367,15 @@ class JobEngine:
             when = rollout.retry_at(task.attempt, job.spec.retry_count, job.spec.retry_interval, time.time())
         await self.finish(task, TaskState.FAILED, desc=desc, step=step, retry_at=when)
 
-    async def _maybe_verified(self, job_id: str) -> None:
-        job = await self.store.get_job(job_id)
-        if job is None or job.type != JobType.VERIFY:
+    async def _maybe_verified(self, job: Job) -> None:
+        if job.type != JobType.VERIFY:
             return
         fw = await self.store.get_firmware(job.firmware_id)
         if (
             fw
             and fw.status != FirmwareStatus.VERIFIED
-            and await self.store.succeeded_count(job_id) >= fw.min_success_for_verified
+            and await self.store.succeeded_count(job.id) >= fw.min_success_for_verified
         ):
             await self.store.set_firmware_status(fw.id, FirmwareStatus.VERIFIED)
             self._firmware.pop(fw.id, None)
-            log.info("firmware %s verified by job %s", fw.id, job_id)
+            log.info("firmware %s verified by job %s", fw.id, job.id)

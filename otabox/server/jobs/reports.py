@@ -36,11 +36,13 @@ class DeviceReports:
         self.engine.kick()
 
     async def on_inform(self, product_key: str, device_key: str, version: str) -> None:
-        if not await self.engine.live():
-            return
-        task = await self.store.active_task(product_key, device_key)
+        live = await self.engine.live()
+        task = await self.store.active_task(product_key, device_key) if live else None
         if task is None:
-            await self.join_incremental(product_key, device_key)
+            if time.time() <= self.engine.watch_until:
+                await self._check_rollback(product_key, device_key, version)
+            if live:
+                await self.join_incremental(product_key, device_key)
             return
         if task.status == TaskState.PENDING:
             if version == task.to_version:
@@ -56,6 +58,27 @@ class DeviceReports:
             await self.engine.finish(task, TaskState.SUCCEEDED, desc=desc)
         else:
             await self.engine.fail(task, None, desc)
+
+    async def _check_rollback(self, product_key: str, device_key: str, version: str) -> None:
+        """A device without an active task reports a version: did it go back to the image it left?"""
+        task = await self.store.last_succeeded(product_key, device_key)
+        if task is None:
+            return
+        job = await self.store.get_job(task.job_id)
+        if job is None or not rollout.rolled_back(
+            version, task.from_version, task.to_version, task.finished_at, job.spec.rollback_watch_seconds, time.time()
+        ):
+            return
+        if await self.store.transition(
+            task.job_id,
+            product_key,
+            device_key,
+            expect=(TaskState.SUCCEEDED,),
+            status=TaskState.ROLLED_BACK,
+            desc=f"rolled back to {version}",
+        ):
+            log.warning("device %s/%s rolled back to %s after job %s", product_key, device_key, version, job.id)
+            self.engine.jobs_changed()
 
     async def on_progress(self, product_key: str, device_key: str, step: int, desc: str | None) -> int:
         task = await self.store.active_task(product_key, device_key)
@@ -137,14 +160,27 @@ class DeviceReports:
             await self.join_incremental(product_key, dk)
 
     async def join_incremental(self, product_key: str, device_key: str) -> None:
-        """A device that newly matches an incremental job's scope joins it (last wave)."""
+        """A device that newly matches an incremental job's scope joins it, in the wave it fills."""
         jobs = await self.incremental_jobs(product_key)
         device = await self.store.get_device(product_key, device_key) if jobs else None
         if device is None:
             return
         for job in jobs:
             if rollout.in_scope(device, job.spec.scope, job.to_version):
-                wave = len(job.spec.waves)
+                if rollout.is_downgrade(device.version, job.to_version) and not job.spec.allow_downgrade:
+                    log.info(
+                        "device %s/%s on %s not added to job %s: a downgrade",
+                        product_key,
+                        device_key,
+                        device.version,
+                        job.id,
+                    )
+                    return
+                wave = 0
+                if job.spec.waves:
+                    per_wave = await self.store.wave_counts(job.id)
+                    sizes = [sum(per_wave.get(i, {}).values()) for i in range(1, len(job.spec.waves) + 1)]
+                    wave = rollout.joiner_wave(sizes, job.spec.waves)
                 if await self.store.add_job_task(job, device_key, device.version, wave):
                     log.info("device %s/%s joined incremental job %s", product_key, device_key, job.id)
                     self.engine.kick()

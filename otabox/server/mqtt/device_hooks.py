@@ -8,6 +8,7 @@ through the outbox.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
 from otabox import protocol
@@ -40,12 +41,22 @@ class JobHooks(Protocol):
 class DeviceGateway:
     """Broker hooks: login, presence and the device -> server OTA topics."""
 
-    def __init__(self, store: Store, keys: Keys, limiter: LoginLimiter, jobs: JobHooks, sender: Sender) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        limiter: LoginLimiter,
+        jobs: JobHooks,
+        sender: Sender,
+        last_seen_interval: float = 30.0,
+    ) -> None:
         self.store = store
         self.keys = keys
         self.limiter = limiter
         self.jobs = jobs
         self.sender = sender
+        self.last_seen_interval = last_seen_interval
+        self._last_seen: dict[tuple[str, str], float] = {}
         self._secrets: dict[tuple[str, str], tuple[str, str]] = {}
 
     # ------------------------------------------------------------ login
@@ -100,6 +111,7 @@ class DeviceGateway:
         await self.jobs.on_connected(product_key, device_key)
 
     async def device_disconnected(self, product_key: str, device_key: str) -> None:
+        self._last_seen.pop((product_key, device_key), None)
         await self.store.set_device_online(product_key, device_key, False)
         log.info("device %s/%s offline", product_key, device_key)
 
@@ -108,7 +120,18 @@ class DeviceGateway:
     def _reply(self, pk: str, dk: str, suffix: str, payload: bytes) -> None:
         self.sender.deliver(pk, dk, suffix + "_reply", payload, qos=0)
 
+    async def _heard(self, product_key: str, device_key: str) -> None:
+        # lastSeen follows a device while it talks, one write per last_seen_interval at most:
+        # a progress report every second must not become a database write every second.
+        now = time.time()
+        key = (product_key, device_key)
+        if now - self._last_seen.get(key, 0.0) >= self.last_seen_interval:
+            self._last_seen[key] = now
+            await self.store.touch_device(product_key, device_key, now)
+
     async def device_message(self, product_key: str, device_key: str, suffix: str, payload: bytes) -> None:
+        if suffix != protocol.INFORM:  # an inform writes lastSeen with the version
+            await self._heard(product_key, device_key)
         if suffix == protocol.UPGRADE_REPLY:
             await self._upgrade_reply(product_key, device_key, payload)
             return

@@ -10,11 +10,11 @@ from __future__ import annotations
 from otabox.server.store.base import DuplicateError
 from otabox.server.store.events import EventSQL
 from otabox.server.store.firmware import FirmwareSQL
-from otabox.server.store.jobs import JobSQL
+from otabox.server.store.jobs import JobLogEntry, JobSQL
 from otabox.server.store.registry import RegistrySQL
 from otabox.server.store.tasks import TaskSQL
 
-__all__ = ["DuplicateError", "Store"]
+__all__ = ["DuplicateError", "JobLogEntry", "Store"]
 
 
 class Store(RegistrySQL, FirmwareSQL, JobSQL, TaskSQL, EventSQL):

@@ -6,18 +6,29 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from otabox import jobspec
-from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobStatus, PauseCause, Scope, TaskState, sql_list
+from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobEvent, JobStatus, PauseCause, Scope, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import StoreBase
-from otabox.server.store.tasks import insert_tasks
+from otabox.server.store.tasks import insert_job_event, insert_tasks
 
 _BUSY = (
     "EXISTS (SELECT 1 FROM tasks t WHERE t.product_key = d.product_key AND t.device_key = d.device_key"
     f" AND t.status IN {sql_list(ACTIVE)})"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class JobLogEntry:
+    """A job-level row of the upgrade log: what happened, who did it, why."""
+
+    status: JobEvent
+    actor: str
+    desc: str = ""
+    wave: int | None = None
 
 
 class JobSQL(StoreBase):
@@ -48,16 +59,15 @@ class JobSQL(StoreBase):
                     now,
                 ),
             )
-            insert_tasks(db, job.id, job.product_key, job.to_version, tasks, now)
+            insert_tasks(db, job.id, job.product_key, job.to_version, tasks)
 
         await self.batched(op)
 
     async def add_job_task(self, job: Job, dk: str, from_version: str | None, wave: int) -> bool:
         """Add one device to a running incremental job; False when it already has an active task."""
-        now = time.time()
         try:
             await self.batched(
-                lambda db: insert_tasks(db, job.id, job.product_key, job.to_version, [(dk, from_version, wave)], now)
+                lambda db: insert_tasks(db, job.id, job.product_key, job.to_version, [(dk, from_version, wave)])
             )
         except sqlite3.IntegrityError:
             return False
@@ -92,8 +102,12 @@ class JobSQL(StoreBase):
         started_at: float | None = None,
         finished_at: float | None = None,
         reopen: bool = False,
+        event: JobLogEntry | None = None,
     ) -> None:
-        """Change a job's row; `reopen` clears finished_at (an operator retry of a completed job)."""
+        """Change a job's row; `reopen` clears finished_at (an operator retry of a completed job).
+
+        `event` is written to the upgrade log in the same transaction.
+        """
         fields: dict[str, Any] = {
             "status": status,
             "status_reason": reason,
@@ -104,9 +118,14 @@ class JobSQL(StoreBase):
         }
         changes = {k: v for k, v in fields.items() if v is not None}
         sets = [f"{k} = ?" for k in changes] + (["finished_at = NULL"] if reopen else [])
-        await self._write(
-            f"UPDATE jobs SET {', '.join(sets)}, updated_at = ? WHERE id = ?", (*changes.values(), time.time(), job_id)
-        )
+        update = f"UPDATE jobs SET {', '.join(sets)}, updated_at = ? WHERE id = ?"
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(update, (*changes.values(), time.time(), job_id))
+            if event is not None:
+                insert_job_event(db, job_id, event.status, event.actor, event.desc, event.wave)
+
+        await self.batched(op)
 
     async def job_counts(self, job_id: str, wave: int | None = None) -> dict[TaskState, int]:
         if wave is None:
@@ -148,6 +167,16 @@ class JobSQL(StoreBase):
             "SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND status = ?", (job_id, TaskState.SUCCEEDED)
         )
         return row["n"] if row else 0
+
+    async def rollback_watch_until(self) -> float:
+        """Until when any succeeded task is still watched for a rollback (0 when none ever was)."""
+        found = await self._all(
+            "SELECT j.*, t.last FROM jobs j JOIN"
+            " (SELECT job_id, MAX(finished_at) AS last FROM tasks WHERE status = ? GROUP BY job_id) t"
+            " ON t.job_id = j.id",
+            (TaskState.SUCCEEDED,),
+        )
+        return max((r["last"] + rows.job(r).spec.rollback_watch_seconds for r in found), default=0.0)
 
     # ------------------------------------------------------------ scope
 

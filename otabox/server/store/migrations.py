@@ -136,4 +136,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE status = 'paused'
         """,
     ),
+    (
+        "0005_truthful_log",
+        """
+        ALTER TABLE events ADD COLUMN actor TEXT;
+        CREATE INDEX tasks_device_succeeded ON tasks(product_key, device_key, finished_at)
+            WHERE status = 'succeeded'
+        """,
+    ),
 ]

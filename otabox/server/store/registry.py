@@ -115,6 +115,12 @@ class RegistrySQL(StoreBase):
             (1 if online else 0, time.time(), product_key, device_key),
         )
 
+    async def touch_device(self, product_key: str, device_key: str, when: float) -> None:
+        """The device was heard from at `when` (lastSeen)."""
+        await self._write(
+            "UPDATE devices SET last_seen = ? WHERE product_key = ? AND device_key = ?", (when, product_key, device_key)
+        )
+
     async def set_device_version(self, product_key: str, device_key: str, version: str) -> None:
         await self._write(
             "UPDATE devices SET version = ?, last_seen = ? WHERE product_key = ? AND device_key = ?",

@@ -126,4 +126,5 @@ def event(r: sqlite3.Row) -> Event:
         attempt=r["attempt"],
         wave=r["wave"],
         bytes_downloaded=r["bytes_downloaded"],
+        actor=r["actor"],
     )

@@ -5,11 +5,12 @@ so the upgrade log never disagrees with the task table.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from otabox.models import ACTIVE, IN_FLIGHT, EventKind, Task, TaskState, sql_list
+from otabox.models import ACTIVE, IN_FLIGHT, RETRYABLE, EventKind, JobEvent, Task, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import StoreBase
 
@@ -41,14 +42,33 @@ _EVENT_INSERT = (
 )
 
 
+_clock_lock = threading.Lock()
+_last_ts = 0.0
+
+
+def log_time() -> float:
+    """The time of an event, taken on the database thread as its transaction runs.
+
+    Events get their `ts` in commit order, never earlier than the one before (even if the wall
+    clock steps back), so the log's order is the order things happened and a task's events
+    never go backwards in time.
+    """
+    global _last_ts
+    with _clock_lock:
+        # Strictly increasing: rows of one transaction are told apart by their time (`updated_at = ?`).
+        _last_ts = max(time.time(), _last_ts + 1e-6)
+        return _last_ts
+
+
 def insert_tasks(
     db: sqlite3.Connection,
     job_id: str,
     pk: str,
     to_version: str,
     tasks: Sequence[tuple[str, str | None, int]],
-    now: float,
 ) -> None:
+    """On the database thread: new pending tasks with their events."""
+    now = log_time()
     db.executemany(
         "INSERT INTO tasks (job_id, product_key, device_key, status, wave, from_version, to_version,"
         " attempt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
@@ -60,10 +80,42 @@ def insert_tasks(
     )
 
 
+def insert_job_event(
+    db: sqlite3.Connection, job_id: str, status: JobEvent, actor: str, desc: str, wave: int | None = None
+) -> None:
+    """On the database thread: a job-level row of the upgrade log (device key empty)."""
+    db.execute(
+        "INSERT INTO events (ts, job_id, job_type, firmware_id, product_key, device_key, to_version, status, kind,"
+        " desc, attempt, wave, actor)"
+        " SELECT ?, j.id, j.type, j.firmware_id, j.product_key, '', j.to_version, ?, ?, ?, 0, ?, ? FROM jobs j"
+        " WHERE j.id = ?",
+        (log_time(), status, EventKind.JOB, desc, wave, actor, job_id),
+    )
+
+
 class TaskSQL(StoreBase):
     async def active_task(self, pk: str, dk: str) -> Task | None:
         row = await self._one(
             f"SELECT * FROM tasks WHERE product_key = ? AND device_key = ? AND status IN {sql_list(ACTIVE)}", (pk, dk)
+        )
+        return rows.task(row) if row else None
+
+    async def pending_in_waves(self, job_id: str, max_wave: int) -> tuple[int, int]:
+        """(pending tasks in waves up to `max_wave`, those of them whose device is online)."""
+        row = await self._one(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(d.online), 0) AS online FROM tasks t"
+            " JOIN devices d ON d.product_key = t.product_key AND d.device_key = t.device_key"
+            " WHERE t.job_id = ? AND t.status = ? AND t.wave <= ?",
+            (job_id, TaskState.PENDING, max_wave),
+        )
+        return (row["n"], row["online"]) if row else (0, 0)
+
+    async def last_succeeded(self, pk: str, dk: str) -> Task | None:
+        """The device's most recently succeeded task (index tasks_device_succeeded)."""
+        row = await self._one(
+            "SELECT * FROM tasks WHERE product_key = ? AND device_key = ? AND status = ?"
+            " ORDER BY finished_at DESC LIMIT 1",
+            (pk, dk, TaskState.SUCCEEDED),
         )
         return rows.task(row) if row else None
 
@@ -99,20 +151,18 @@ class TaskSQL(StoreBase):
         when the task is not in one of them (nothing is written then).
         """
         assert set(changes) <= TASK_COLUMNS, changes
-        now = time.time()
         bump = "attempt" in changes and changes["attempt"] is None
         if bump:
             del changes["attempt"]
         sets = ", ".join([f"{k} = ?" for k in changes] + (["attempt = attempt + 1"] if bump else []))
         where = "job_id = ? AND product_key = ? AND device_key = ?"
-        params: list[Any] = [*changes.values(), now, job_id, pk, dk]
         if expect:
             where += f" AND status IN ({','.join('?' * len(expect))})"
-            params.extend(expect)
         update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
 
         def op(conn: sqlite3.Connection) -> bool:
-            if conn.execute(update, params).rowcount == 0:
+            now = log_time()
+            if conn.execute(update, (*changes.values(), now, job_id, pk, dk, *(expect or ()))).rowcount == 0:
                 return False
             conn.execute(
                 _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?",
@@ -133,9 +183,10 @@ class TaskSQL(StoreBase):
 
         def op(conn: sqlite3.Connection) -> list[str]:
             moved = []
+            ts = log_time()
             for dk in device_keys:
-                if conn.execute(update, (now, due, now, job_id, pk, dk)).rowcount:
-                    conn.execute(event, (now, EventKind.STATE, job_id, pk, dk))
+                if conn.execute(update, (now, due, ts, job_id, pk, dk)).rowcount:
+                    conn.execute(event, (ts, EventKind.STATE, job_id, pk, dk))
                     moved.append(dk)
             return moved
 
@@ -144,9 +195,12 @@ class TaskSQL(StoreBase):
     async def bulk_transition(
         self, job_id: str, from_statuses: Sequence[TaskState], device_keys: Sequence[str] | None, **changes: Any
     ) -> int:
-        """Move many tasks of a job at once (cancel, retry), with one event each."""
+        """Move many tasks of a job at once (cancel, clear retries).
+
+        A task's event is written only when its state changes: clearing `retry_at` of failed
+        tasks writes none (the failure was logged when it happened).
+        """
         assert set(changes) <= TASK_COLUMNS, changes
-        now = time.time()
         where = f"job_id = ? AND status IN ({','.join('?' * len(from_statuses))})"
         params: list[Any] = [job_id, *from_statuses]
         if device_keys is not None:
@@ -154,10 +208,12 @@ class TaskSQL(StoreBase):
             params.extend(device_keys)
         sets = ", ".join(f"{k} = ?" for k in changes)
         update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
+        logged = "status" in changes and changes["status"] not in from_statuses
 
         def op(db: sqlite3.Connection) -> int:
+            now = log_time()
             n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
-            if n:
+            if n and logged:
                 db.execute(
                     _EVENT_INSERT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now)
                 )
@@ -172,7 +228,7 @@ class TaskSQL(StoreBase):
                 job_id,
                 pk,
                 dk,
-                expect=(TaskState.FAILED, TaskState.TIMEOUT, TaskState.CANCELED),
+                expect=RETRYABLE,
                 status=TaskState.PENDING,
                 attempt=None,
                 retry_at=None,

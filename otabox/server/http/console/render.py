@@ -50,6 +50,7 @@ STATE_STYLE: dict[str, tuple[str, str]] = {
     "failed": ("#cf222e", "failed"),
     "timeout": ("#bc4c00", "timed out"),
     "canceled": ("#57606a", "canceled"),
+    "rolledBack": ("#a40e26", "rolled back"),
 }
 
 

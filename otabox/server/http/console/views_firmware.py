@@ -112,7 +112,7 @@ async def verify(request: web.Request) -> web.Response:
         return await firmware_detail(request, error="Pick at least one device to verify on.")
     body = {"firmwareId": fw["id"], "type": "verify", "scope": {"deviceKeys": keys}}
     try:
-        job = await app.jobs.create(body)
+        job, _warnings = await app.jobs.create(body)
     except OtaboxError as exc:
         return await firmware_detail(request, error=exc.message)
     return see_other(f"/ui/jobs/{job.id}")

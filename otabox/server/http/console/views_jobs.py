@@ -8,7 +8,18 @@ from typing import Any
 from aiohttp import web
 
 from otabox.errors import OtaboxError
-from otabox.models import ACTIVE, FINISHED, IN_FLIGHT, JOB_DONE, TASK_STATES, Job, JobStatus, TaskState
+from otabox.models import (
+    ACTIVE,
+    FAILURES,
+    FINISHED,
+    IN_FLIGHT,
+    JOB_DONE,
+    TASK_STATES,
+    Job,
+    JobStatus,
+    TaskState,
+    Waiting,
+)
 from otabox.server import present
 from otabox.server.http.api_jobs import events
 from otabox.server.http.console import charts
@@ -22,7 +33,9 @@ from otabox.server.http.console.render import (
     page_offset,
     render,
     see_other,
+    when,
 )
+from otabox.server.http.plumbing import actor
 from otabox.server.services import Services
 
 TABS: dict[str, tuple[JobStatus, ...]] = {
@@ -31,6 +44,14 @@ TABS: dict[str, tuple[JobStatus, ...]] = {
     "finished": JOB_DONE,
 }
 CURVE_BUCKETS = 60
+# `waiting.reason` (the API's) as an operator reads it.
+_WAITING = {
+    Waiting.OUTSIDE_WINDOW: "waiting for the daily window",
+    Waiting.RATE_LIMITED: "{in_flight} in flight, {pending} waiting for the rate limit",
+    Waiting.CONCURRENCY_FULL: "{in_flight} in flight (the concurrency limit), {pending} waiting",
+    Waiting.AWAITING_REQUESTS: "waiting for {pending} device(s) to ask for the upgrade",
+    Waiting.DEVICES_OFFLINE: "waiting for {pending} offline device(s) to connect",
+}
 
 
 def plain_reason(job: dict[str, Any], counts: dict[TaskState, int]) -> str:
@@ -44,6 +65,12 @@ def plain_reason(job: dict[str, Any], counts: dict[TaskState, int]) -> str:
     if status == "running":
         waves = job.get("waves") or ()
         where = f"wave {max(1, job['currentWave'])} of {len(waves)}, " if waves else ""
+        why = _WAITING.get((job.get("waiting") or {}).get("reason", ""))
+        if why:
+            until = (job.get("waiting") or {}).get("until")
+            return f"running: {where}{why.format(pending=waiting, in_flight=in_flight)}" + (
+                f" (until {when(until)})" if until else ""
+            )
         if job.get("mode") == "request" and waiting and not in_flight:
             return f"running: {where}waiting for {waiting} device(s) to ask for the upgrade"
         return f"running: {where}{in_flight} in flight, {waiting} waiting"
@@ -59,9 +86,11 @@ async def job_card(app: Services, record: Job) -> dict[str, Any]:
     """A job with its counts, progress, plain reason and stacked bar, as lists show it."""
     counts = full_counts(await app.store.job_counts(record.id))
     job = present.job(record, counts, 0)
+    job["waiting"] = present.waiting(await app.jobs.waiting(record, counts, time.time()))
     total = sum(counts.values())
     done = sum(counts[s] for s in FINISHED)
     return {
+        "failures": sum(counts[s] for s in FAILURES),
         "job": job,
         "counts": counts,
         "total": total,
@@ -87,6 +116,7 @@ async def snapshot(request: web.Request, record: Job) -> dict[str, Any]:
     app = otabox(request)
     counts = full_counts(await app.store.job_counts(record.id))
     job = present.job(record, counts, await app.store.retries_pending(record.id))
+    job["waiting"] = present.waiting(await app.jobs.waiting(record, counts, time.time()))
     total = sum(counts.values())
     finished = sum(counts[s] for s in FINISHED)
     fw_record = await app.store.get_firmware(record.firmware_id)
@@ -128,7 +158,7 @@ async def snapshot(request: web.Request, record: Job) -> dict[str, Any]:
         "waves": waves,
         "bar": charts.stacked_bar(counts, height=28),
         "curve": charts.completion_curve(ok, bad, total, span),
-        "failed": counts[TaskState.FAILED] + counts[TaskState.TIMEOUT],
+        "failed": sum(counts[s] for s in FAILURES),
     }
 
 
@@ -195,7 +225,7 @@ async def job_action(request: web.Request) -> web.Response:
     job = await job_or_404(request)
     action = request.match_info["action"]
     try:
-        updated = await otabox(request).jobs.change(job, action)
+        updated = await otabox(request).jobs.change(job, action, actor(request))
     except OtaboxError as exc:
         if is_htmx(request):
             return html(fragment(request, "_error.html", {"title": "Not possible now", "message": exc.message}))
@@ -219,7 +249,7 @@ async def cancel_confirm(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     job = await job_or_404(request)
     try:
-        await otabox(request).jobs.cancel(job)
+        await otabox(request).jobs.cancel(job, actor(request))
         flash(request, f"Job {job.name} canceled.")
     except OtaboxError as exc:
         flash(request, exc.message)
@@ -227,13 +257,13 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 async def retry(request: web.Request) -> web.Response:
-    """Retry one device (deviceKey in the form) or every failed and timed-out device of the job."""
+    """Retry one device (deviceKey in the form) or every failed, timed-out and rolled-back device of the job."""
     app = otabox(request)
     job = await job_or_404(request)
     form = await request.post()
     keys = [str(k) for k in form.getall("deviceKey", [])]
     if not keys:
-        for status in (TaskState.FAILED, TaskState.TIMEOUT):
+        for status in FAILURES:
             offset = 0
             while True:
                 tasks, total = await app.store.list_tasks(job.id, status, 1000, offset)
@@ -242,7 +272,7 @@ async def retry(request: web.Request) -> web.Response:
                 if not tasks or offset >= total:
                     break
     try:
-        n = await app.jobs.retry_tasks(job, keys) if keys else 0
+        n = await app.jobs.retry_tasks(job, keys, actor(request)) if keys else 0
         flash(request, f"{n} device(s) will be retried." if n else "No device could be retried.")
     except OtaboxError as exc:
         flash(request, exc.message)

@@ -20,7 +20,9 @@ from otabox.server.http.console.render import fragment, html, otabox, render, se
 MAX_WAVES = 4
 SAMPLE = 10
 PACE = jobspec.form_fields("maxConcurrency", "ratePerMinute", "timeoutSeconds")
-RETRY_ABORT = jobspec.form_fields("retry.count", "retry.intervalSeconds", "abort.failureRatio", "abort.minFinished")
+RETRY_ABORT = jobspec.form_fields(
+    "retry.count", "retry.intervalSeconds", "abort.failureRatio", "abort.minFinished", "rollbackWatchSeconds"
+)
 # Fields the review page carries back and forth as hidden inputs.
 FIELDS = [f.form for f in jobspec.JOB_FIELDS if f.form] + ["dailyFrom", "dailyTo"]
 FIELDS += [f"wave{i}_{k}" for i in range(1, MAX_WAVES + 1) for k in ("percent", "success")]
@@ -122,6 +124,7 @@ async def _render_form(request: web.Request, form: dict[str, str], error: str) -
         "pace": PACE,
         "retry_abort": RETRY_ABORT,
         "tz": jobspec.FIELDS["schedule.timezoneOffsetMinutes"],
+        "downgrade": jobspec.FIELDS["allowDowngrade"],
     }
     return render(request, "job_new.html", ctx)
 
@@ -141,7 +144,7 @@ async def submit(request: web.Request) -> web.Response:
         body = body_of(form)
         spec = jobspec.validate(body)
         if step == "start":
-            job = await app.jobs.create(body)
+            job, _warnings = await app.jobs.create(body)
             return see_other(f"/ui/jobs/{job.id}")
     except OtaboxError as exc:
         return await _render_form(request, form, exc.message)
