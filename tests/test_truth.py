@@ -304,3 +304,29 @@ def test_a_second_server_on_the_same_data_dir_exits_with_a_clear_message(tmp_pat
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=30) == 0
     assert not (data / "ports.json").exists()  # removed on the clean stop
+
+
+# ---------------------------------------------------------------- non-standard JSON
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_non_standard_json_numbers_are_refused_and_nothing_is_stored(
+    server: Server,
+    fw: dict[str, Any],  # noqa: F811
+    number: str,
+) -> None:
+    await fleet(server, {"d1": "1.0"})
+    body = f'{{"firmwareId": "{fw["id"]}", "timeoutSeconds": {number}}}'
+    async with server.http.post(
+        server.url + "/api/v1/jobs", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid"
+    assert (await server.call("GET", "/jobs", 200))["total"] == 0
+
+
+async def test_deeply_nested_json_is_a_400(server: Server) -> None:
+    body = "[" * 100_000 + "]" * 100_000
+    async with server.http.post(
+        server.url + "/api/v1/products", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,31 @@ def error_response(exc: OtaboxError) -> web.Response:
     return web.json_response(exc.to_json(), status=exc.status)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Standard JSON only: no NaN, Infinity or numbers that overflow to infinity (which would be
+    stored and later emitted as bare `NaN`, which browsers reject). Raises BadRequest."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError as exc:
+        raise BadRequest("body is nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object. Raises BadRequest."""
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    body = parse_json(await request.read())
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
