@@ -1,4 +1,4 @@
-"""The device wire format (shared/spec/device-protocol.md): login signing, topics, envelopes.
+"""The device wire format (docs/protocol.md): login signing, topics, envelopes.
 
 Pure functions and small frozen dataclasses only; no aiohttp, amqtt or aiosqlite here.
 """

@@ -2,7 +2,7 @@
 
 One `Device` is one MQTT connection kept alive in the background over aiomqtt, with
 auto-reconnect (exponential backoff with jitter) and a version report on every connect.
-The wire format is `shared/spec/device-protocol.md`; `examples/device.py` shows a whole
+The wire format is docs/protocol.md; `examples/device.py` shows a whole
 upgrade: receive -> confirm -> download + verify -> flash -> reboot -> report the version.
 
     async with Device(host, 1883, "thermo", "dev-001", secret, version="1.0.0",
