@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from otabox.models import (
     ACTIVE,
@@ -252,6 +253,7 @@ def resume(status: JobStatus, cause: PauseCause, current_wave: int, waves: int) 
 # ---------------------------------------------------------------- versions
 
 
+@lru_cache(maxsize=1024)
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     # Natural order: digit runs compare as numbers, other runs as text, separators are ignored.
     parts = re.findall(r"\d+|[A-Za-z]+", version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_KEY = "admin_token_sha256"
 LOCK_FILE = "otabox.lock"
+# Allocations (net) between young-generation collections; CPython's default is 700.
+GC_GEN0_THRESHOLD = 50_000
 # Pending HTTP connections the kernel queues (a fleet's downloads can arrive at once).
 HTTP_BACKLOG = 1024
 
@@ -206,6 +209,18 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def tune_gc() -> None:
+    """Collect garbage less often, and never re-scan what start-up built.
+
+    With thousands of connections the heap holds hundreds of thousands of long-lived objects; the default
+    thresholds run a full collection over all of them every few thousand allocations, which a
+    push fan-out or a progress burst triggers several times per second (measured: half of a
+    1000-device push went to collection). Freezing moves the start-up objects out of the scans.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -234,6 +249,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    tune_gc()
     if app.printed_token:
         print(f"Admin token (shown once, only its hash is stored): {app.printed_token}", flush=True)
     print(

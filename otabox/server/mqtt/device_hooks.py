@@ -106,6 +106,7 @@ class DeviceGateway:
     # ------------------------------------------------------------ presence
 
     async def device_connected(self, product_key: str, device_key: str) -> None:
+        self._last_seen[(product_key, device_key)] = time.time()  # written just below
         await self.store.set_device_online(product_key, device_key, True)
         log.info("device %s/%s online", product_key, device_key)
         await self.jobs.on_connected(product_key, device_key)
@@ -130,7 +131,9 @@ class DeviceGateway:
             await self.store.touch_device(product_key, device_key, now)
 
     async def device_message(self, product_key: str, device_key: str, suffix: str, payload: bytes) -> None:
-        if suffix != protocol.INFORM:  # an inform writes lastSeen with the version
+        if suffix == protocol.INFORM:
+            self._last_seen[(product_key, device_key)] = time.time()  # written with the version
+        else:
             await self._heard(product_key, device_key)
         if suffix == protocol.UPGRADE_REPLY:
             await self._upgrade_reply(product_key, device_key, payload)
