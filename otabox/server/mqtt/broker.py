@@ -92,7 +92,7 @@ class DeviceHooks(Protocol):
 
 
 async def _read_publish_header(
-    cls: type[PublishVariableHeader], reader: Any, fixed_header: MQTTFixedHeader
+    cls: type[PublishVariableHeader], reader: ReaderAdapter | asyncio.StreamReader, fixed_header: MQTTFixedHeader
 ) -> PublishVariableHeader:
     """Replaces PublishVariableHeader.from_stream (class-wide, this process only).
 
@@ -112,7 +112,8 @@ async def _read_publish_header(
     return cls(topic, packet_id)
 
 
-PublishVariableHeader.from_stream = classmethod(_read_publish_header)
+# A deliberate monkeypatch of amqtt's classmethod (same call signature), hence the ignore.
+PublishVariableHeader.from_stream = classmethod(_read_publish_header)  # type: ignore[method-assign, assignment]
 
 
 _background: set[asyncio.Task[Any]] = set()
@@ -167,7 +168,8 @@ class OtaBroker(Broker):
     @property
     def port(self) -> int:
         server = self._servers["default"].instance
-        assert server is not None
+        # Our one listener is TCP (_create_server_instance), never amqtt's websockets or external one.
+        assert isinstance(server, asyncio.Server)
         return int(server.sockets[0].getsockname()[1])
 
     # ------------------------------------------------------------ connections

@@ -1,0 +1,9 @@
+# Stub for amqtt 0.12.1 (pinned in pyproject.toml), only as far as otabox uses it.
+
+import asyncio
+
+from amqtt.adapters import ReaderAdapter
+
+async def read_or_raise(reader: ReaderAdapter | asyncio.StreamReader, n: int = -1) -> bytes: ...
+async def decode_string(reader: ReaderAdapter | asyncio.StreamReader) -> str: ...
+async def decode_packet_id(reader: ReaderAdapter | asyncio.StreamReader) -> int: ...
