@@ -37,7 +37,9 @@ async def running_broker(allow_anonymous: bool = True) -> AsyncIterator[tuple[Br
     """Start an amqtt broker on an ephemeral port; shut it down unless the test already did."""
     broker = Broker(_broker_config(allow_anonymous))
     await broker.start()
-    port = broker._servers["default"].instance.sockets[0].getsockname()[1]
+    server = broker._servers["default"].instance
+    assert isinstance(server, asyncio.Server)
+    port = server.sockets[0].getsockname()[1]
     try:
         yield broker, port
     finally:

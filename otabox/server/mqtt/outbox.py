@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from amqtt.errors import AMQTTError, MQTTError
+from amqtt.errors import AMQTTError, MQTTError, ProtocolHandlerError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from otabox import protocol
@@ -29,7 +29,9 @@ async def publish(handler: BrokerProtocolHandler, topic: str, payload: bytes, qo
     """One PUBLISH at QoS 1/2 (waits for the acknowledgement); a vanished device is not an error."""
     try:
         await handler.mqtt_publish(topic, payload, qos, retain=False)
-    except (AMQTTError, MQTTError, ConnectionError, asyncio.CancelledError) as exc:
+    # amqtt gives up on a missing acknowledgement with a plain TimeoutError, and raises
+    # ProtocolHandlerError when the connection closes mid-send.
+    except (AMQTTError, MQTTError, ProtocolHandlerError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
         # The device went away mid-flight; the store still knows what it was owed.
         log.debug("publish to %s not completed: %r", topic, exc)
 
