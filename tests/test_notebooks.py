@@ -21,6 +21,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 analysis = pytest.importorskip("otabox.analysis")
+from otabox.export import schema  # noqa: E402  (after the skips: the export schema is pure)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -33,19 +34,10 @@ HEADLINE_KEYS = ["tasks", *analysis.TASK_STATUSES]
 # Only for what a finished simulated rollout cannot show (a job still running, canceled tasks,
 # device-defined step codes, a rejected push): the notebook tests proper run on real exports.
 
-EVENT_COLUMNS = [
-    "seq", "ts", "jobId", "jobType", "firmwareId", "productKey", "deviceKey", "fromVersion",
-    "toVersion", "status", "kind", "step", "desc", "attempt", "wave", "bytesDownloaded",
-]  # fmt: skip
-JOB_COLUMNS = [
-    "id", "name", "type", "firmwareId", "productKey", "status", "statusReason", "mode", "policy",
-    "createdAt", "startedAt", "finishedAt", "total", "pending", "published", "upgrading", "succeeded",
-    "failed", "canceled", "timeout", "currentWave", "waves",
-]  # fmt: skip
-FIRMWARE_COLUMNS = [
-    "id", "productKey", "name", "version", "size", "md5", "sha256", "signMethod", "status", "createdAt",
-]  # fmt: skip
-DEVICE_COLUMNS = ["productKey", "deviceKey", "version", "online", "lastSeen", "createdAt", "tags"]
+EVENT_COLUMNS = list(schema.EVENT_COLUMNS)
+JOB_COLUMNS = list(schema.JOB_COLUMNS)
+FIRMWARE_COLUMNS = list(schema.FIRMWARE_COLUMNS)
+DEVICE_COLUMNS = list(schema.DEVICE_COLUMNS)
 
 PRODUCT = "meter"
 FIRMWARE_SIZE = 1_048_576
@@ -403,7 +395,11 @@ def test_shipped_sample_is_a_consistent_export() -> None:
         assert {k: int(derived[k]) for k in HEADLINE_KEYS} == snapshot_counts(jobs, job_id), job_id
     assert set(jobs["status"].astype(str)) == {"completed"}
     assert set(events["firmwareId"]) <= set(export.firmware["id"])
-    assert set(events["deviceKey"]) <= set(export.devices["deviceKey"])
+    assert set(analysis.task_events(events)["deviceKey"]) <= set(export.devices["deviceKey"])
+    # What happened to the jobs as a whole is in the log too: the wave that opened, each completion.
+    job_rows = analysis.job_events(events)
+    assert {"waveOpened", "completed"} <= set(job_rows["status"].astype(str))
+    assert set(job_rows["actor"].astype(str)) >= {"system"}
     # Every failure kind the simulator plays shows up, so every notebook section has data.
     labels = set(analysis.failures(events)["step_label"].astype(str))
     assert {"download", "verify", "flash", "declined", "unexpected version", "timeout"} <= labels
