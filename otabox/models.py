@@ -184,11 +184,22 @@ class Firmware:
     min_success_for_verified: int
     signature: str | None
     created_at: float
+    # The trusted publisher whose signed bundle brought it; None for an operator's upload.
+    publisher: str | None = None
 
     @property
     def sign(self) -> str:
         """The digest devices check, in the firmware's sign method."""
         return self.md5 if self.sign_method == "md5" else self.sha256
+
+
+@dataclass(frozen=True, slots=True)
+class Publisher:
+    """A vendor whose signed bundles this server trusts (Ed25519 key, base64 of the raw 32 bytes)."""
+
+    name: str
+    public_key: str
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -401,22 +401,41 @@ async def test_upload_options(server: Server) -> None:
     assert_error(status, body, 400, "invalid")
 
 
-async def test_duplicate_firmware_name_or_version_is_409(server: Server) -> None:
+async def test_a_firmware_line_holds_many_versions_each_once(server: Server) -> None:
     await server.product("pk1")
     await server.product("pk2")
     first = await server.firmware("pk1", "1.0.0", b"one", name="main")
-    for fields, blob in (
-        ({"name": "main", "version": "1.0.1"}, b"two"),
-        ({"name": "other", "version": "1.0.0"}, b"one"),
-    ):
-        status, body = await call(server, "POST", "/products/pk1/firmware", data=firmware_form(blob, **fields))
-        assert_error(status, body, 409)
+    # The name is the firmware line: more versions of it, and the same version in another line, are fine.
+    await server.firmware("pk1", "1.0.1", b"two", name="main")
+    await server.firmware("pk1", "1.0.0", b"three", name="other")
+    status, body = await call(
+        server, "POST", "/products/pk1/firmware", data=firmware_form(b"four", name="main", version="1.0.0")
+    )
+    assert_error(status, body, 409)
+    assert "main 1.0.0" in body["error"]["message"]
     # The same name and version are fine in another product.
     again = await server.firmware("pk2", "1.0.0", b"one", name="main")
     assert again["sha256"] == first["sha256"] and again["id"] != first["id"]
+    assert (await server.call("GET", "/products/pk1/firmware", 200))["total"] == 3
+    # The refused upload left no file behind; shared content is stored once.
+    assert len(stored_files(server)) == 3
+
+
+async def test_empty_firmware_and_control_characters_are_refused(server: Server) -> None:
+    await server.product("pk1")
+    for fields, blob, field in (
+        ({"name": "n", "version": "1"}, b"", "empty"),
+        ({"name": "n\x00x", "version": "1"}, b"x", "name"),
+        ({"name": "n", "version": "1\x1b[2J"}, b"x", "version"),
+        ({"name": "n", "version": "1", "desc": "a\x00b"}, b"x", "desc"),
+    ):
+        status, body = await call(server, "POST", "/products/pk1/firmware", data=firmware_form(blob, **fields))
+        assert_error(status, body, 400, "invalid")
+        assert field in body["error"]["message"]
+    ok = await server.firmware("pk1", "1", b"x", name="n", desc="line one\n\tline two")
+    assert ok["desc"] == "line one\n\tline two"
     assert (await server.call("GET", "/products/pk1/firmware", 200))["total"] == 1
-    # The refused uploads left no file behind; the shared content is stored once.
-    assert stored_files(server) == [f"{first['sha256'][:2]}/{first['sha256']}"]
+    assert len(stored_files(server)) == 1
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,7 @@ async def test_firmware_add_list_show_url_delete(cli: Cli, server: Server, tmp_p
     run = await cli("firmware", "url", fw_id, "ghost")
     assert run.rc == 1 and "404" in run.err
 
-    run = await cli("firmware", "add", "pk1", str(path), "--name", "main-fw", "--version", "3")
+    run = await cli("firmware", "add", "pk1", str(path), "--name", "main-fw", "--version", "2.0.0")
     assert run.rc == 1 and "409" in run.err
     run = await cli("firmware", "delete", fw_id)
     assert run.rc == 0 and fields(run.out) == {"deleted": fw_id}

@@ -202,7 +202,7 @@ async def test_upload_shows_server_digests_and_refuses_duplicates(server: Server
     text = await ui.post("/ui/products/pk1/firmware", form("main", "2.0.0"), htmx=True)
     assert hashlib.sha256(content).hexdigest() in text and hashlib.md5(content).hexdigest() in text
     assert 'id="firmware-table" hx-swap-oob="true"' in text
-    text = await ui.post("/ui/products/pk1/firmware", form("main", "2.0.1"), htmx=True)
+    text = await ui.post("/ui/products/pk1/firmware", form("main", "2.0.0"), htmx=True)
     assert "Upload refused" in text and "already exists" in text
     # Without JavaScript: a plain multipart form with the token in its action URL.
     location = await ui.post(

@@ -197,6 +197,7 @@ def test_examples_have_the_shapes_the_server_sends() -> None:
         min_success_for_verified=1,
         created_at=0,
         signature="sig",
+        publisher=None,
     )
     assert set(example(text, "firmware")) == set(present.firmware(cast(Any, fw))), "firmware example"
     task = SimpleNamespace(

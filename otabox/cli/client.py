@@ -114,7 +114,17 @@ class Client:
         fields: dict[str, str],
         progress: Callable[[int, int], None] | None = None,
     ) -> Any:
-        """Stream a firmware file as multipart/form-data (never read whole into memory)."""
+        """Upload a firmware file with its form fields (see `upload_file`)."""
+        return self.upload_file(f"/products/{product_key}/firmware", file, fields, progress)
+
+    def upload_file(
+        self,
+        path: str,
+        file: Path,
+        fields: dict[str, str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """POST a file as the `file` part of multipart/form-data to `path` (never read whole into memory)."""
         boundary = "otabox-" + secrets.token_hex(12)
         head = b""
         for name, value in fields.items():
@@ -127,7 +137,7 @@ class Client:
         size = file.stat().st_size
         conn = self._conn()
         try:
-            conn.putrequest("POST", self._path(f"/products/{product_key}/firmware"))
+            conn.putrequest("POST", self._path(path))
             for k, v in self._headers(
                 {
                     "Content-Type": f"multipart/form-data; boundary={boundary}",

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from otabox import __version__
 from otabox.server.artifacts import Artifacts
+from otabox.server.bundles import BundleService
 from otabox.server.firmware import FirmwareService
 from otabox.server.http.app import build_app
 from otabox.server.jobs.engine import JobEngine
@@ -115,6 +116,7 @@ class App:
         await self.broker.start()
 
         status = Status(self.version, http_port, self.broker.port)
+        firmware = FirmwareService(store, artifacts, signer, s.max_upload_bytes)
         services = self.services = Services(
             settings=s,
             status=status,
@@ -125,7 +127,8 @@ class App:
             urls=urls,
             outbox=outbox,
             registry=Registry(store, keys, reports),
-            firmware=FirmwareService(store, artifacts, signer, s.max_upload_bytes),
+            firmware=firmware,
+            bundles=BundleService(store, artifacts, firmware),
             jobs=JobService(store, engine),
             engine=engine,
             admin_token_hash=admin_hash,

@@ -65,5 +65,13 @@ class Artifacts:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def adopt(self, path: Path, sha256: str, size: int, md5: str) -> StoredFile:
+        """Move an already checked file (its digests known) into the content store."""
+        final = self.path_for(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)
+        os.chmod(final, 0o644)
+        return StoredFile(final, size, md5, sha256)
+
     def remove(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)

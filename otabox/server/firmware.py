@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from otabox import protocol
@@ -31,6 +32,28 @@ Part = tuple[str, AsyncIterator[bytes]]
 def file_name(name: str, version: str, sha256: str) -> str:
     # Content hash in the name: the URL is immutable, so Range resumes can trust it.
     return f"{_SAFE.sub('_', name)[:40]}-{_SAFE.sub('_', version)[:40]}-{sha256[:12]}.bin"
+
+
+# C0 and C1 control characters (NUL, ESC, ...); a description may still hold tabs and new lines.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def check_fields(name: Any, version: Any, desc: Any) -> tuple[str, str, str]:
+    """A firmware's name (its line), version and description, checked. Raises BadRequest naming the field."""
+    name = check_text(name, "name", max_len=64)
+    if _CONTROL.search(name):
+        raise BadRequest("name must not contain control characters")
+    if not protocol.valid_version(version):
+        raise BadRequest("version must be 1-64 printable characters")
+    desc = check_text(desc, "desc", required=False, max_len=4096)
+    if _CONTROL_IN_TEXT.search(desc):
+        raise BadRequest("desc must not contain control characters (tabs and new lines are fine)")
+    return name, str(version), desc
+
+
+def new_firmware_id() -> str:
+    return "fw-" + uuid.uuid4().hex[:16]
 
 
 def _bool(value: Any, field: str) -> bool:
@@ -87,12 +110,14 @@ class FirmwareService:
                 self.artifacts.remove(stored.sha256)
             raise
 
+    async def signature_of(self, path: Path) -> str | None:
+        """The server's Ed25519 signature of a stored file (None without a signing key)."""
+        return await asyncio.to_thread(self.signer.sign_file, path) if self.signer else None
+
     async def _register(self, pk: str, stored: StoredFile, fields: dict[str, str]) -> Firmware:
-        name = check_text(fields.get("name"), "name", max_len=64)
-        version = fields.get("version")
-        if not protocol.valid_version(version):
-            raise BadRequest("version must be 1-64 printable characters")
-        assert version is not None
+        if stored.size == 0:
+            raise BadRequest("file is empty: a 0-byte firmware cannot be flashed")
+        name, version, desc = check_fields(fields.get("name"), fields.get("version"), fields.get("desc"))
         sign_method = fields.get("signMethod", "sha256") or "sha256"
         if sign_method not in SIGN_METHODS:
             raise BadRequest("signMethod must be 'md5' or 'sha256'")
@@ -102,16 +127,15 @@ class FirmwareService:
             raise BadRequest("minSuccessForVerified must be an integer") from exc
         if not 1 <= min_success <= 10:
             raise BadRequest("minSuccessForVerified must be between 1 and 10")
-        clash = await self.store.firmware_conflict(pk, name, version)
-        if clash:
-            raise Conflict(f"firmware {clash} already exists in product {pk!r}", code="duplicate")
-        signature = await asyncio.to_thread(self.signer.sign_file, stored.path) if self.signer else None
+        if await self.store.firmware_conflict(pk, name, version):
+            raise Conflict(f"firmware {name} {version} already exists in product {pk!r}", code="duplicate")
+        signature = await self.signature_of(stored.path)
         fw = Firmware(
-            id="fw-" + uuid.uuid4().hex[:16],
+            id=new_firmware_id(),
             product_key=pk,
             name=name,
             version=version,
-            desc=check_text(fields.get("desc"), "desc", required=False, max_len=4096),
+            desc=desc,
             size=stored.size,
             md5=stored.md5,
             sha256=stored.sha256,
@@ -126,7 +150,7 @@ class FirmwareService:
         try:
             return await self.store.create_firmware(fw)
         except DuplicateError as exc:
-            raise Conflict("firmware name or version already exists", code="duplicate") from exc
+            raise Conflict(f"firmware {name} {version} already exists in product {pk!r}", code="duplicate") from exc
 
     async def remove(self, fw: Firmware) -> None:
         """Delete a firmware and, when no other firmware shares it, its file. Raises Conflict while a job uses it."""

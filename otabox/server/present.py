@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from otabox import jobspec
-from otabox.models import TASK_STATES, Device, Event, Firmware, Job, Product, Task, TaskState, iso
+from otabox.models import TASK_STATES, Device, Event, Firmware, Job, Product, Publisher, Task, TaskState, iso
 from otabox.rollout import WaitState
 
 
@@ -49,7 +49,12 @@ def firmware(fw: Firmware) -> dict[str, Any]:
     }
     if fw.signature is not None:
         out["signature"] = fw.signature
+    out["publisher"] = fw.publisher
     return out
+
+
+def publisher(p: Publisher) -> dict[str, Any]:
+    return {"name": p.name, "publicKey": p.public_key, "createdAt": iso(p.created_at)}
 
 
 def job(j: Job, counts: dict[TaskState, int], retries_pending: int) -> dict[str, Any]:

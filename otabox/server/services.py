@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from otabox.server.artifacts import Artifacts
+from otabox.server.bundles import BundleService
 from otabox.server.firmware import FirmwareService
 from otabox.server.jobs.engine import JobEngine
 from otabox.server.jobs.service import JobService
@@ -42,6 +43,7 @@ class Services:
     outbox: Outbox
     registry: Registry
     firmware: FirmwareService
+    bundles: BundleService
     jobs: JobService
     engine: JobEngine
     admin_token_hash: str

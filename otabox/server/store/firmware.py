@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Sequence
 
-from otabox.models import Firmware, FirmwareStatus
+from otabox.models import Firmware, FirmwareStatus, Publisher
 from otabox.server.store import rows
-from otabox.server.store.base import StoreBase
+from otabox.server.store.base import DuplicateError, StoreBase
+
+_INSERT = (
+    "INSERT INTO firmware (id, product_key, name, version, desc, size, md5, sha256, sign_method,"
+    " file_name, enable_verification, min_success_for_verified, signature, created_at, publisher)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _values(fw: Firmware) -> tuple[object, ...]:
+    return (
+        fw.id,
+        fw.product_key,
+        fw.name,
+        fw.version,
+        fw.desc,
+        fw.size,
+        fw.md5,
+        fw.sha256,
+        fw.sign_method,
+        fw.file_name,
+        1 if fw.enable_verification else 0,
+        fw.min_success_for_verified,
+        fw.signature,
+        fw.created_at,
+        fw.publisher,
+    )
 
 
 class FirmwareSQL(StoreBase):
@@ -14,37 +42,26 @@ class FirmwareSQL(StoreBase):
 
     async def create_firmware(self, fw: Firmware) -> Firmware:
         """Insert a firmware record. Raises DuplicateError on a name/version clash."""
-        await self._write(
-            "INSERT INTO firmware (id, product_key, name, version, desc, size, md5, sha256, sign_method,"
-            " file_name, enable_verification, min_success_for_verified, signature, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                fw.id,
-                fw.product_key,
-                fw.name,
-                fw.version,
-                fw.desc,
-                fw.size,
-                fw.md5,
-                fw.sha256,
-                fw.sign_method,
-                fw.file_name,
-                1 if fw.enable_verification else 0,
-                fw.min_success_for_verified,
-                fw.signature,
-                fw.created_at,
-            ),
-        )
+        await self._write(_INSERT, _values(fw))
         return fw
 
-    async def firmware_conflict(self, product_key: str, name: str, version: str) -> str | None:
+    async def create_firmware_many(self, records: Sequence[Firmware]) -> None:
+        """Insert several firmware records in one transaction (a bundle: all or none). Raises DuplicateError."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                conn.executemany(_INSERT, [_values(fw) for fw in records])
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateError(str(exc)) from exc
+
+        await self.batched(op)
+
+    async def firmware_conflict(self, product_key: str, name: str, version: str) -> bool:
+        """True when the product's firmware line `name` already has `version`."""
         row = await self._one(
-            "SELECT name, version FROM firmware WHERE product_key = ? AND (name = ? OR version = ?)",
-            (product_key, name, version),
+            "SELECT 1 FROM firmware WHERE product_key = ? AND name = ? AND version = ?", (product_key, name, version)
         )
-        if row is None:
-            return None
-        return "name" if row["name"] == name else "version"
+        return row is not None
 
     async def get_firmware(self, firmware_id: str) -> Firmware | None:
         row = await self._one("SELECT * FROM firmware WHERE id = ?", (firmware_id,))
@@ -83,3 +100,19 @@ class FirmwareSQL(StoreBase):
             (product_key, device_key, firmware_id),
         )
         return int(row["bytes"]) if row else 0
+
+    # ------------------------------------------------------------ trusted publishers (signed bundles)
+
+    async def create_publisher(self, name: str, public_key: str) -> Publisher:
+        """Raises DuplicateError when the name or the key is already trusted."""
+        now = time.time()
+        await self._write(
+            "INSERT INTO publishers (name, public_key, created_at) VALUES (?, ?, ?)", (name, public_key, now)
+        )
+        return Publisher(name, public_key, now)
+
+    async def list_publishers(self) -> list[Publisher]:
+        return [rows.publisher(r) for r in await self._all("SELECT * FROM publishers ORDER BY name")]
+
+    async def delete_publisher(self, name: str) -> bool:
+        return await self._write("DELETE FROM publishers WHERE name = ?", (name,)) > 0

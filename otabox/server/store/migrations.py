@@ -144,4 +144,46 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE status = 'succeeded'
         """,
     ),
+    (
+        "0006_publishers",
+        """
+        CREATE TABLE publishers (
+            name TEXT PRIMARY KEY,
+            public_key TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL
+        );
+        ALTER TABLE firmware ADD COLUMN publisher TEXT
+        """,
+    ),
+    (
+        # A name is a firmware line: several versions share it; a version is unique within it.
+        "0007_firmware_lines",
+        """
+        CREATE TABLE firmware_lines (
+            id TEXT PRIMARY KEY,
+            product_key TEXT NOT NULL REFERENCES products(product_key),
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            desc TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL,
+            md5 TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            sign_method TEXT NOT NULL,
+            file_name TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'unverified',
+            enable_verification INTEGER NOT NULL DEFAULT 0,
+            min_success_for_verified INTEGER NOT NULL DEFAULT 1,
+            created_at REAL NOT NULL,
+            signature TEXT,
+            publisher TEXT,
+            UNIQUE (product_key, name, version)
+        );
+        INSERT INTO firmware_lines (id, product_key, name, version, desc, size, md5, sha256, sign_method,
+            file_name, status, enable_verification, min_success_for_verified, created_at, signature, publisher)
+            SELECT id, product_key, name, version, desc, size, md5, sha256, sign_method, file_name, status,
+            enable_verification, min_success_for_verified, created_at, signature, publisher FROM firmware;
+        DROP TABLE firmware;
+        ALTER TABLE firmware_lines RENAME TO firmware
+        """,
+    ),
 ]

@@ -18,6 +18,7 @@ from otabox.models import (
     JobType,
     PauseCause,
     Product,
+    Publisher,
     Task,
     TaskState,
 )
@@ -57,7 +58,12 @@ def firmware(row: sqlite3.Row) -> Firmware:
         min_success_for_verified=row["min_success_for_verified"],
         signature=row["signature"],
         created_at=row["created_at"],
+        publisher=row["publisher"],
     )
+
+
+def publisher(row: sqlite3.Row) -> Publisher:
+    return Publisher(row["name"], row["public_key"], row["created_at"])
 
 
 @lru_cache(maxsize=256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from otabox.errors import NotFound, OtaboxError
 from otabox.jobspec import MAX_VERIFY_DEVICES
 from otabox.models import Scope
 from otabox.server import present
+from otabox.server.http import api_bundles
 from otabox.server.http.api_firmware import form_parts
 from otabox.server.http.console.render import flash, fragment, html, is_htmx, otabox, render, see_other
 
@@ -39,8 +41,22 @@ async def firmware_list(request: web.Request) -> web.Response:
         "product": product,
         "rows": await _firmware_rows(request, product or None),
         "max_upload": otabox(request).settings.max_upload_bytes,
+        "publishers": [p.name for p in await otabox(request).store.list_publishers()],
     }
     return render(request, "firmware.html", ctx)
+
+
+async def import_bundle(request: web.Request) -> web.Response:
+    """A signed bundle from the firmware page: the API's own import, then back with what happened."""
+    try:
+        response = await api_bundles.import_bundle(request)
+    except OtaboxError as exc:
+        flash(request, f"Bundle refused: {exc.message}")
+        return see_other("/ui/firmware")
+    stored = json.loads(response.text or "{}")["firmware"]
+    names = ", ".join(f"{f['productKey']} {f['name']} {f['version']}" for f in stored)
+    flash(request, f"Imported from {stored[0]['publisher']}: {names}.")
+    return see_other(f"/ui/firmware?product={stored[0]['productKey']}")
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -122,6 +138,7 @@ def add_routes(sub: web.Application) -> None:
     r = sub.router
     r.add_get("/firmware", firmware_list)
     r.add_post("/products/{pk}/firmware", upload)
+    r.add_post("/bundles", import_bundle)
     r.add_get("/firmware/{id}", firmware_detail)
     r.add_post("/firmware/{id}/delete", delete)
     r.add_post("/firmware/{id}/verify", verify)
