@@ -775,3 +775,42 @@ async def test_no_signing_key_means_no_signature(server: Server) -> None:
     assert "signature" not in fw
     err = await server.call("GET", "/signing-key", 404)
     assert "signing_key" in err["error"]["message"]
+
+
+async def test_import_headers_are_recognised_or_refused_and_never_imported(server: Server) -> None:
+    await server.product("pk1")
+
+    async def imp(text: str) -> tuple[int, Any]:
+        return await call(
+            server, "POST", "/products/pk1/devices:import", data=text.encode(), headers={"Content-Type": "text/csv"}
+        )
+
+    # Usual spellings and a semicolon-separated spreadsheet export.
+    status, body = await imp("Device_Key;Secret;site\nh1;secret-h1-long;east\n")
+    assert status == 200 and body["created"] == 1, body
+    assert body["columns"]["delimiter"] == ";" and body["columns"]["understood"] == {
+        "deviceKey": "Device_Key", "deviceSecret": "Secret",
+    }  # fmt: skip
+    assert body["columns"]["tags"] == ["site"]
+    assert (await server.call("GET", "/products/pk1/devices/h1", 200))["tags"] == {"site": "east"}
+    # A header otabox does not understand is refused, naming its columns; nothing is created.
+    status, body = await imp("serial,secret,site\ns1,secret-s1-long,east\n")
+    assert_error(status, body, 400, "invalid")
+    assert "serial" in body["error"]["message"] and "deviceKey" in body["error"]["message"]
+    status, body = await imp("Geräte-ID,Passwort\nx1,secret-x1-long\n")
+    assert_error(status, body, 400, "invalid")
+    # Not UTF-8, and a field over the csv module's limit: 400, not 500.
+    status, body = await call(
+        server,
+        "POST",
+        "/products/pk1/devices:import",
+        data=b"deviceKey\n\xff\xfe\n",
+        headers={"Content-Type": "text/csv"},
+    )
+    assert_error(status, body, 400, "invalid")
+    status, body = await imp('deviceKey\n"' + "x" * 200_000 + '"\n')
+    assert_error(status, body, 400, "invalid")
+    # Without a header the first cell is a device key: still supported.
+    status, body = await imp("n1,secret-n1-long\n")
+    assert status == 200 and body["created"] == 1 and body["columns"]["header"] is False
+    assert (await server.call("GET", "/products/pk1/devices", 200))["total"] == 2

@@ -181,11 +181,11 @@ async def test_device_import_writes_secrets_file_0600(cli: Cli, server: Server, 
     src.write_text("deviceKey,deviceSecret,site\ni1,secret-i1-long,east\nbad/key,secret-bad-long,east\ni2,,west\n")
     out = tmp_path / "secrets.csv"
     run = await cli("device", "import", "pk1", str(src), "--secrets-out", str(out))
-    assert run.rc == 0, run.err
+    assert run.rc == 1, run.err  # a row was rejected: the script must notice
     lines = run.out.splitlines()
-    assert lines[0] == "created 2, rejected 1"
-    assert lines[1].startswith("  row 2 (bad/key): ") and "deviceKey" in lines[1]
-    assert lines[2] == f"secrets of created devices written to {out}"
+    assert lines[0].startswith("columns: deviceKey from") and lines[1] == "created 2, rejected 1"
+    assert lines[2].startswith("  row 2 (bad/key): ") and "deviceKey" in lines[2]
+    assert lines[3] == f"secrets of created devices written to {out}"
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     rows = [line.split(",") for line in out.read_text().splitlines()]
     assert rows[0] == ["deviceKey", "deviceSecret"]
@@ -204,7 +204,7 @@ async def test_device_import_json_file_with_json_output(cli: Cli, server: Server
     out.write_text("stale, world-readable\n")
     os.chmod(out, 0o644)
     run = await cli("device", "import", "pk1", str(src), "--json", "--secrets-out", str(out))
-    assert run.rc == 0, run.err
+    assert run.rc == 1, run.err  # the duplicate row was rejected
     result = run.json()
     assert result["created"] == 1 and result["rejected"] == 1 and result["errors"][0]["row"] == 2
     # --secrets-out is honoured with --json too, and an existing file is narrowed to 0600.

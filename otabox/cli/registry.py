@@ -37,7 +37,8 @@ def cmd_device_add(args: argparse.Namespace, c: Client) -> None:
     show(args, c.post(f"/products/{args.product}/devices", body))
 
 
-def cmd_device_import(args: argparse.Namespace, c: Client) -> None:
+def cmd_device_import(args: argparse.Namespace, c: Client) -> int:
+    """Exit code 1 when any row was rejected (the others are created all the same)."""
     path = Path(args.file)
     ctype = "application/json" if path.suffix == ".json" else "text/csv"
     result = c.request("POST", f"/products/{args.product}/devices:import", raw=path.read_bytes(), content_type=ctype)
@@ -49,14 +50,21 @@ def cmd_device_import(args: argparse.Namespace, c: Client) -> None:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["deviceKey", "deviceSecret"])
             writer.writerows([d["deviceKey"], d["deviceSecret"]] for d in result["devices"])
+    failed = 1 if result["rejected"] else 0
     if args.json:
         show(args, result)
-        return
+        return failed
+    columns = result.get("columns", {})
+    if columns.get("format") == "csv":
+        read = ", ".join(f"{k} from {v!r}" for k, v in columns.get("understood", {}).items()) or "no header"
+        tags = ", ".join(columns.get("tags", [])) or "none"
+        print(f"columns: {read}; tags: {tags}; separator {columns.get('delimiter')!r}")
     print(f"created {result['created']}, rejected {result['rejected']}")
     for err in result["errors"]:
         print(f"  row {err['row']} ({err.get('deviceKey')}): {err['reason']}")
     if args.secrets_out:
         print(f"secrets of created devices written to {args.secrets_out}")
+    return failed
 
 
 def cmd_device_list(args: argparse.Namespace, c: Client) -> None:

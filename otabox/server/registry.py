@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -67,8 +68,27 @@ def _auth(value: Any) -> str:
     return str(value)
 
 
-def import_rows(text: str, content_type: str) -> list[dict[str, Any]]:
-    """A CSV (deviceKey,deviceSecret,<tag columns>...) or JSON list body -> row dicts."""
+# Header spellings understood, after lower-casing and dropping spaces, "_" and "-".
+_HEADER_NAMES = {"devicekey": "deviceKey", "devicesecret": "deviceSecret", "secret": "deviceSecret", "auth": "auth"}
+
+
+def _header_name(cell: str) -> str | None:
+    return _HEADER_NAMES.get(re.sub(r"[\s_-]+", "", cell).lower())
+
+
+def _delimiter(first_line: str) -> str:
+    # Spreadsheets in many locales save "CSV" with semicolons.
+    return ";" if first_line.count(";") > first_line.count(",") else ","
+
+
+def import_rows(text: str, content_type: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A CSV or JSON list import body -> (row dicts, the columns understood). Raises BadRequest.
+
+    CSV: a header row names the columns (deviceKey, deviceSecret, auth in any of the usual
+    spellings; every other column is a tag, a "tag:" prefix dropped), `,` or `;` separated. Without
+    a header the columns are deviceKey, deviceSecret, and the first cell must be a device key. A
+    first row that is neither is refused, naming its columns: it is never imported as a device.
+    """
     # Spreadsheets save "CSV UTF-8" with a byte order mark; left in, it hides the header.
     text = text.removeprefix("\ufeff")
     if "json" in content_type or text.lstrip().startswith("["):
@@ -78,17 +98,30 @@ def import_rows(text: str, content_type: str) -> list[dict[str, Any]]:
             raise BadRequest(f"body is not valid JSON: {exc}") from exc
         if not isinstance(data, list):
             raise BadRequest("JSON import body must be a list of devices")
-        return [row if isinstance(row, dict) else {"_invalid": row} for row in data]
-    reader = csv.reader(io.StringIO(text))
-    rows = [r for r in reader if any(cell.strip() for cell in r)]
+        return [row if isinstance(row, dict) else {"_invalid": row} for row in data], {"format": "json"}
+    delimiter = _delimiter(text.split("\n", 1)[0])
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if any(cell.strip() for cell in r)]
+    except csv.Error as exc:
+        raise BadRequest(f"CSV could not be read: {exc}") from exc
     if not rows:
-        return []
-    header = [h.strip() for h in rows[0]]
-    if not header or header[0] != "deviceKey":
-        # No header: columns are deviceKey, deviceSecret.
+        return [], {"format": "csv", "delimiter": delimiter, "header": False}
+    first = [h.strip() for h in rows[0]]
+    names = [_header_name(h) for h in first]
+    if names[0] == "deviceKey":
+        header = [n or h for n, h in zip(names, first, strict=True)]
+        rows = rows[1:]
+    elif protocol.valid_key(first[0]) and not any(names):
         header = ["deviceKey", "deviceSecret"]
     else:
-        rows = rows[1:]
+        raise BadRequest(
+            f"the first row is not a header otabox understands (columns {first}): it must start with"
+            " deviceKey, then deviceSecret, auth and tag columns, separated by ',' or ';'"
+        )
+    columns: dict[str, Any] = {"format": "csv", "delimiter": delimiter}
+    understood = {n: h for n, h in zip(names, first, strict=False) if n} if names[0] else {}
+    tags = [h.removeprefix("tag:") for h in header if h not in ("deviceKey", "deviceSecret", "auth") and h]
+    columns.update(header=names[0] == "deviceKey", understood=understood, tags=tags)
     out = []
     for r in rows:
         item: dict[str, Any] = {"tags": {}}
@@ -98,10 +131,9 @@ def import_rows(text: str, content_type: str) -> list[dict[str, Any]]:
                 if cell:
                     item[name] = cell
             elif name and cell:
-                # Any further column is a tag; a "tag:" prefix is accepted and dropped.
                 item["tags"][name.removeprefix("tag:")] = cell
         out.append(item)
-    return out
+    return out, columns
 
 
 class Registry:
@@ -149,7 +181,7 @@ class Registry:
     async def import_devices(self, product_key: str, text: str, content_type: str) -> dict[str, Any]:
         """Bulk import; valid rows are created even when others are rejected. Per-row results."""
         await self.product(product_key)
-        rows = import_rows(text, content_type)
+        rows, columns = import_rows(text, content_type)
         if len(rows) > MAX_IMPORT_ROWS:
             raise BadRequest(f"at most {MAX_IMPORT_ROWS} devices per import")
         rejected: list[dict[str, Any]] = []
@@ -180,6 +212,7 @@ class Registry:
         return {
             "created": len(to_create),
             "rejected": len(rejected),
+            "columns": columns,
             "errors": rejected,
             "devices": [{"deviceKey": dk, "deviceSecret": s} for _, dk, s, _a, _t in to_create],
         }

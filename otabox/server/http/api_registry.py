@@ -44,7 +44,11 @@ async def import_devices(request: web.Request) -> web.Response:
     """CSV (deviceKey,deviceSecret,<tag columns>...) or a JSON list; per-row results."""
     svc = services(request)
     await svc.registry.product(request.match_info["pk"])
-    text = await request.clone(client_max_size=MAX_IMPORT_BYTES).text()
+    raw = await request.clone(client_max_size=MAX_IMPORT_BYTES).read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the import is not UTF-8 text (save the CSV as UTF-8): {exc}") from exc
     result = await svc.registry.import_devices(request.match_info["pk"], text, request.content_type)
     return json_response(result)
 
