@@ -87,6 +87,19 @@ def cmd_device_show(args: argparse.Namespace, c: Client) -> None:
     show(args, c.get(f"/products/{args.product}/devices/{args.device_key}"))
 
 
+def cmd_device_tag(args: argparse.Namespace, c: Client) -> None:
+    show(args, c.request("PATCH", f"/products/{args.product}/devices/{args.device_key}", {"tags": tags_of(args.tag)}))
+
+
+def cmd_device_delete(args: argparse.Namespace, c: Client) -> None:
+    c.delete(f"/products/{args.product}/devices/{args.device_key}")
+    show(args, {"deleted": args.device_key})
+
+
+def cmd_device_rotate(args: argparse.Namespace, c: Client) -> None:
+    show(args, c.post(f"/products/{args.product}/devices/{args.device_key}:rotate-secret"))
+
+
 def cmd_firmware_add(args: argparse.Namespace, c: Client) -> None:
     fields = {
         "name": args.name,
@@ -148,6 +161,16 @@ def register(command: Any, group: Any) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
     p = command(devices, "show", cmd_device_show, "show one device")
+    p.add_argument("product")
+    p.add_argument("device_key")
+    p = command(devices, "tag", cmd_device_tag, "replace a device's tags")
+    p.add_argument("product")
+    p.add_argument("device_key")
+    p.add_argument("--tag", action="append", help="key=value (repeatable; none clears the tags)")
+    p = command(devices, "delete", cmd_device_delete, "delete a device (its active task ends canceled)")
+    p.add_argument("product")
+    p.add_argument("device_key")
+    p = command(devices, "rotate-secret", cmd_device_rotate, "give a device a new secret (shown once)")
     p.add_argument("product")
     p.add_argument("device_key")
 

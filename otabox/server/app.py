@@ -126,7 +126,7 @@ class App:
             artifacts=artifacts,
             urls=urls,
             outbox=outbox,
-            registry=Registry(store, keys, reports),
+            registry=Registry(store, keys, reports, gateway),
             firmware=firmware,
             bundles=BundleService(store, artifacts, firmware),
             jobs=JobService(store, engine),

@@ -28,6 +28,12 @@ class Joiner(Protocol):
     async def devices_created(self, product_key: str, device_keys: Sequence[str]) -> None: ...
 
 
+class DeviceSessions(Protocol):
+    """Told when a device's credentials end (deleted, new secret): forget them, end its connection."""
+
+    async def forget(self, product_key: str, device_key: str) -> None: ...
+
+
 def check_key(value: Any, field: str) -> str:
     if not protocol.valid_key(value):
         raise BadRequest(f"{field} must match [A-Za-z0-9_.-]{{1,64}}")
@@ -137,10 +143,11 @@ def import_rows(text: str, content_type: str) -> tuple[list[dict[str, Any]], dic
 
 
 class Registry:
-    def __init__(self, store: Store, keys: Keys, joiner: Joiner) -> None:
+    def __init__(self, store: Store, keys: Keys, joiner: Joiner, sessions: DeviceSessions) -> None:
         self.store = store
         self.keys = keys
         self.joiner = joiner
+        self.sessions = sessions
 
     async def product(self, product_key: str) -> Product:
         """Raises NotFound."""
@@ -177,6 +184,32 @@ class Registry:
             raise Conflict(f"device {dk!r} already exists in {product_key!r}", code="duplicate") from exc
         await self.joiner.devices_created(product_key, [dk])
         return await self.device(product_key, dk), secret
+
+    async def update_device(self, product_key: str, device_key: str, body: Mapping[str, Any]) -> Device:
+        """PATCH: `tags` replaces the device's tags. Raises BadRequest, NotFound."""
+        await self.device(product_key, device_key)
+        unknown = set(body) - {"tags", "requireCertificate"}
+        if unknown:
+            raise BadRequest(f"unknown device field(s) {sorted(unknown)}; a device takes tags")
+        if "requireCertificate" in body:
+            raise BadRequest("requireCertificate needs device certificates, which this server does not have yet")
+        if "tags" in body:
+            await self.store.set_device_tags(product_key, device_key, check_tags(body["tags"]))
+        return await self.device(product_key, device_key)
+
+    async def delete_device(self, product_key: str, device_key: str) -> None:
+        """Remove a device: its active task ends canceled, its history stays, its connection ends. Raises NotFound."""
+        if not await self.store.delete_device(product_key, device_key):
+            raise NotFound(f"device {device_key!r} not found in {product_key!r}")
+        await self.sessions.forget(product_key, device_key)
+
+    async def rotate_secret(self, product_key: str, device_key: str) -> str:
+        """A new generated secret (returned once); the old one logs in no more. Raises NotFound."""
+        secret = new_secret()
+        if not await self.store.set_device_secret(product_key, device_key, self.keys.encrypt(secret)):
+            raise NotFound(f"device {device_key!r} not found in {product_key!r}")
+        await self.sessions.forget(product_key, device_key)
+        return secret
 
     async def import_devices(self, product_key: str, text: str, content_type: str) -> dict[str, Any]:
         """Bulk import; valid rows are created even when others are rejected. Per-row results."""

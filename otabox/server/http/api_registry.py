@@ -79,6 +79,24 @@ async def get_device(request: web.Request) -> web.Response:
     return json_response({**present.device(device), "currentTask": present.task(task) if task else None})
 
 
+async def patch_device(request: web.Request) -> web.Response:
+    svc = services(request)
+    device = await svc.registry.update_device(
+        request.match_info["pk"], request.match_info["dk"], await read_json(request)
+    )
+    return json_response(present.device(device))
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    await services(request).registry.delete_device(request.match_info["pk"], request.match_info["dk"])
+    return web.Response(status=204)
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    secret = await services(request).registry.rotate_secret(request.match_info["pk"], request.match_info["dk"])
+    return json_response({"deviceSecret": secret})
+
+
 def add_routes(web_app: web.Application) -> None:
     r = web_app.router
     p = API_PREFIX
@@ -89,3 +107,6 @@ def add_routes(web_app: web.Application) -> None:
     r.add_post(f"{p}/products/{{pk}}/devices:import", import_devices)
     r.add_get(f"{p}/products/{{pk}}/devices", list_devices)
     r.add_get(f"{p}/products/{{pk}}/devices/{{dk}}", get_device)
+    r.add_patch(f"{p}/products/{{pk}}/devices/{{dk}}", patch_device)
+    r.add_delete(f"{p}/products/{{pk}}/devices/{{dk}}", delete_device)
+    r.add_post(f"{p}/products/{{pk}}/devices/{{dk}}:rotate-secret", rotate_secret)

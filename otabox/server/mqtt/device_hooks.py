@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 class Sender(Protocol):
     def deliver(self, product_key: str, device_key: str, suffix: str, payload: bytes, qos: int = 1) -> bool: ...
 
+    async def disconnect(self, product_key: str, device_key: str) -> bool: ...
+
 
 class JobHooks(Protocol):
     """What the job engine needs to hear from devices (implemented by the scheduler)."""
@@ -102,6 +104,14 @@ class DeviceGateway:
                 return None
             cached = self._secrets[key] = (self.keys.decrypt(row[0]), row[1])
         return cached
+
+    async def forget(self, product_key: str, device_key: str) -> None:
+        """The device was deleted or got a new secret: drop what is cached and end its connection,
+        so the old secret logs in no more (implements `registry.DeviceSessions`)."""
+        self._secrets.pop((product_key, device_key), None)
+        self._last_seen.pop((product_key, device_key), None)
+        if await self.sender.disconnect(product_key, device_key):
+            log.info("device %s/%s disconnected: deleted or its secret changed", product_key, device_key)
 
     # ------------------------------------------------------------ presence
 

@@ -50,6 +50,14 @@ class Outbox:
         if self._handlers.get(key) is handler:
             del self._handlers[key]
 
+    async def disconnect(self, product_key: str, device_key: str) -> bool:
+        """Close a device's live connection (it was deleted, or its secret changed). False when offline."""
+        handler = self._handlers.get(session_key(product_key, device_key))
+        if handler is None:
+            return False
+        await handler.handle_connection_closed()
+        return True
+
     def is_connected(self, product_key: str, device_key: str) -> bool:
         return session_key(product_key, device_key) in self._handlers
 

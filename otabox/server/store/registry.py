@@ -8,9 +8,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from otabox.models import Device, Product
+from otabox.models import ACTIVE, Device, EventKind, Product, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import DuplicateError, StoreBase
+from otabox.server.store.tasks import TASK_EVENT, log_time
 
 _PRODUCT = "SELECT p.*, (SELECT COUNT(*) FROM devices d WHERE d.product_key = p.product_key) AS devices FROM products p"
 
@@ -114,6 +115,56 @@ class RegistrySQL(StoreBase):
             "UPDATE devices SET online = ?, last_seen = ? WHERE product_key = ? AND device_key = ?",
             (1 if online else 0, time.time(), product_key, device_key),
         )
+
+    async def set_device_tags(self, product_key: str, device_key: str, tags: dict[str, str]) -> bool:
+        return (
+            await self._write(
+                "UPDATE devices SET tags = ? WHERE product_key = ? AND device_key = ?",
+                (json.dumps(tags, sort_keys=True), product_key, device_key),
+            )
+            > 0
+        )
+
+    async def set_device_secret(self, product_key: str, device_key: str, secret_enc: str) -> bool:
+        return (
+            await self._write(
+                "UPDATE devices SET secret_enc = ? WHERE product_key = ? AND device_key = ?",
+                (secret_enc, product_key, device_key),
+            )
+            > 0
+        )
+
+    async def delete_device(self, product_key: str, device_key: str) -> bool:
+        """Remove a device; its active task (if any) ends canceled, logged, in the same transaction.
+
+        Its finished tasks and its upgrade log stay.
+        """
+
+        def op(conn: sqlite3.Connection) -> bool:
+            now = log_time()
+            updated = conn.execute(
+                "UPDATE tasks SET status = ?, desc = 'device deleted', finished_at = ?, due_at = NULL,"
+                " retry_at = NULL, updated_at = ? WHERE product_key = ? AND device_key = ?"
+                f" AND status IN {sql_list(ACTIVE)}",
+                (TaskState.CANCELED, now, now, product_key, device_key),
+            ).rowcount
+            if updated:
+                conn.execute(
+                    TASK_EVENT + " WHERE t.product_key = ? AND t.device_key = ? AND t.updated_at = ?",
+                    (now, EventKind.STATE, product_key, device_key, now),
+                )
+            conn.execute(
+                "UPDATE tasks SET retry_at = NULL WHERE product_key = ? AND device_key = ? AND retry_at IS NOT NULL",
+                (product_key, device_key),
+            )
+            return (
+                conn.execute(
+                    "DELETE FROM devices WHERE product_key = ? AND device_key = ?", (product_key, device_key)
+                ).rowcount
+                > 0
+            )
+
+        return await self.batched(op)
 
     async def touch_device(self, product_key: str, device_key: str, when: float) -> None:
         """The device was heard from at `when` (lastSeen)."""

@@ -31,7 +31,7 @@ TASK_COLUMNS = frozenset(
 )
 
 
-_EVENT_INSERT = (
+TASK_EVENT = (
     "INSERT INTO events (ts, job_id, job_type, firmware_id, product_key, device_key, from_version, to_version,"
     " status, kind, step, desc, attempt, wave, bytes_downloaded)"
     " SELECT ?, t.job_id, j.type, j.firmware_id, t.product_key, t.device_key, t.from_version, t.to_version,"
@@ -75,7 +75,7 @@ def insert_tasks(
         [(job_id, pk, dk, TaskState.PENDING, wave, fv, to_version, now) for dk, fv, wave in tasks],
     )
     db.execute(
-        _EVENT_INSERT + " WHERE t.job_id = ? AND t.status = ? AND t.updated_at = ?",
+        TASK_EVENT + " WHERE t.job_id = ? AND t.status = ? AND t.updated_at = ?",
         (now, EventKind.STATE, job_id, TaskState.PENDING, now),
     )
 
@@ -165,7 +165,7 @@ class TaskSQL(StoreBase):
             if conn.execute(update, (*changes.values(), now, job_id, pk, dk, *(expect or ()))).rowcount == 0:
                 return False
             conn.execute(
-                _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?",
+                TASK_EVENT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?",
                 (now, kind, job_id, pk, dk),
             )
             return True
@@ -179,7 +179,7 @@ class TaskSQL(StoreBase):
             " step = NULL, desc = NULL, updated_at = ?"
             f" WHERE job_id = ? AND product_key = ? AND device_key = ? AND status = '{TaskState.PENDING}'"
         )
-        event = _EVENT_INSERT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?"
+        event = TASK_EVENT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?"
 
         def op(conn: sqlite3.Connection) -> list[str]:
             moved = []
@@ -214,9 +214,7 @@ class TaskSQL(StoreBase):
             now = log_time()
             n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
             if n and logged:
-                db.execute(
-                    _EVENT_INSERT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now)
-                )
+                db.execute(TASK_EVENT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now))
             return n
 
         return await self.batched(op)

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlparse
 from aiohttp import web
 
 from otabox.errors import OtaboxError
-from otabox.server.http.console import sse, views_firmware, views_jobs, views_main, views_new_job
+from otabox.server.http.console import sse, views_devices, views_firmware, views_jobs, views_main, views_new_job
 from otabox.server.http.console.render import (
     CONSOLE,
     SECURITY_HEADERS,
@@ -187,6 +187,7 @@ def setup(web_app: web.Application) -> None:
     r.add_post("/logout", logout)
     r.add_static("/static", STATIC, name="static")
     views_main.add_routes(sub)
+    views_devices.add_routes(sub)
     views_firmware.add_routes(sub)
     views_new_job.add_routes(sub)
     views_jobs.add_routes(sub)
