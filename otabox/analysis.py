@@ -133,6 +133,12 @@ def job_events(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFrame:
     return rows[["ts", "jobId", "status", "actor", "desc", "wave"]].reset_index(drop=True)
 
 
+def job_labels(jobs: pd.DataFrame, job_ids: Sequence[str]) -> dict[str, str]:
+    """jobId -> how figures name the job: its name from the jobs snapshot, the id when unnamed or absent."""
+    names = {} if jobs.empty else dict(zip(jobs["id"].astype(str), jobs["name"], strict=True))
+    return {j: (str(names[j]) if isinstance(names.get(j), str) and names[j] else j) for j in job_ids}
+
+
 def _ordered(events: pd.DataFrame) -> pd.DataFrame:
     """Events oldest first (by `seq`, stable)."""
     return events.sort_values("seq", kind="stable")
@@ -177,7 +183,7 @@ def funnel(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFrame:
     A task reached "published" if any of its events has status published or later on the
     path (upgrading, succeeded), "upgrading" if any has status upgrading/succeeded or carries
     a device step (a progress report, even a failing one). succeeded, failed, timeout,
-    canceled and active (pending/published/upgrading) come from each task's last status,
+    rolledBack, canceled and active (pending/published/upgrading) come from each task's last status,
     so they add up to `tasks`.
     """
     events = task_events(events)
@@ -192,7 +198,7 @@ def funnel(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFrame:
     reached = marks.groupby(TASK_KEY, observed=True).any().groupby("jobId").sum()
     counts = status_counts(events).set_index("jobId")
     result = counts[["tasks"]].join(reached).fillna(0).astype("int64")
-    for column in ["succeeded", "failed", "timeout", "canceled"]:
+    for column in ["succeeded", "failed", "timeout", "rolledBack", "canceled"]:
         result[column] = counts[column]
     result["active"] = counts[ACTIVE_STATUSES].sum(axis=1)
     return result.reset_index()
@@ -358,7 +364,7 @@ def job_summary(events: pd.DataFrame) -> pd.DataFrame:
     """Return one row per job for side-by-side comparison.
 
     Columns: jobId, jobType, firmwareId, toVersion, fromVersions, tasks, succeeded, failed,
-    timeout, canceled, active, success_rate (succeeded / tasks), attempts (all attempts
+    timeout, rolledBack, canceled, active, success_rate (succeeded / tasks), attempts (all attempts
     started), median_publish_to_done_s and p90_publish_to_done_s (succeeded attempts only).
     """
     events = task_events(events)

@@ -135,10 +135,10 @@ def test_funnel() -> None:
     assert records(analysis.funnel(scenario())) == [
         # d never left pending; e was published but never started.
         {"jobId": "J1", "tasks": 5, "reached_published": 4, "reached_upgrading": 3, "succeeded": 1,
-         "failed": 1, "timeout": 1, "canceled": 1, "active": 1},
+         "failed": 1, "timeout": 1, "rolledBack": 0, "canceled": 1, "active": 1},
         # g failed without a step (rejected push); k's declining step counts as a progress report.
         {"jobId": "J2", "tasks": 5, "reached_published": 5, "reached_upgrading": 4, "succeeded": 1,
-         "failed": 4, "timeout": 0, "canceled": 0, "active": 0},
+         "failed": 4, "timeout": 0, "rolledBack": 0, "canceled": 0, "active": 0},
     ]  # fmt: skip
     assert analysis.funnel(scenario(), job_id="J2")["jobId"].tolist() == ["J2"]
 
@@ -413,3 +413,27 @@ def test_load_refuses_unknown_formats_and_missing_files(tmp_path: Path) -> None:
         analysis.load(tmp_path / "rollout.xlsx")
     with pytest.raises(FileNotFoundError):
         analysis.load(tmp_path / "missing.csv")
+
+
+def test_job_labels_and_job_events() -> None:
+    jobs = pd.DataFrame({"id": ["J1", "J2"], "name": ["roll east", None]})
+    assert analysis.job_labels(jobs, ["J1", "J2", "J3"]) == {"J1": "roll east", "J2": "J2", "J3": "J3"}
+    assert analysis.job_labels(pd.DataFrame(), ["J1"]) == {"J1": "J1"}
+    events = analysis.coerce(
+        pd.DataFrame(
+            {
+                "seq": [1, 2, 3],
+                "ts": ["2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z"],
+                "jobId": ["J1", "J1", "J1"],
+                "deviceKey": ["d1", "", ""],
+                "status": ["pending", "paused", "resumed"],
+                "kind": ["state", "job", "job"],
+                "actor": [None, "admin", "admin"],
+                "desc": [None, "paused by admin", "resumed by admin"],
+            }
+        )
+    )
+    timeline = analysis.job_events(events, "J1")
+    assert timeline["status"].astype(str).tolist() == ["paused", "resumed"]
+    assert timeline["actor"].tolist() == ["admin", "admin"]
+    assert analysis.status_counts(events)["tasks"].tolist() == [1]  # job rows are not tasks

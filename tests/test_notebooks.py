@@ -375,9 +375,15 @@ def test_notebook_runs_on_shipped_sample(name: str) -> None:
     notebook = run_notebook(name, None)
     assert "export: data/sample.csv" in printed(notebook)
     assert figures(notebook) >= FIGURES[name], f"{name} drew {figures(notebook)} figures"
+    jobs = analysis.load(SAMPLE).jobs
+    names = dict(zip(jobs["id"], jobs["name"], strict=True))
     if name.startswith("01_"):
-        jobs = analysis.load(SAMPLE).jobs
         assert headline_counts(notebook) == snapshot_counts(jobs, shown_job(notebook))
+        # The job's own timeline (what happened to it as a whole, and who did it), named by name.
+        text = printed(notebook)
+        assert f"timeline of {names[shown_job(notebook)]}:" in text and "completed  by system" in text
+    if name.startswith("03_"):
+        assert all(f"{label} ({job_id})" in printed(notebook) for job_id, label in names.items())
 
 
 def test_shipped_sample_is_a_consistent_export() -> None:
