@@ -9,7 +9,10 @@ and plays two push jobs with the simulator's fleet (`otabox.sim.fleet`, the engi
 
 1. 1.0.0 -> 2.0.0 on every device: waves of 10 % (successRatio 0.8) and 100 %, one retry,
    a short timeout so silent devices time out, a mix of every failure kind.
+   An operator pauses it once and resumes it (the log's job rows show who).
 2. 2.0.0 -> 2.1.0 on the devices job 1 upgraded, with a smaller mix and no waves.
+3. 1.0.0 -> 2.1.0 on the devices job 1 left behind, mostly failing: its abort rule trips, the
+   pending rest is canceled.
 
 Each job runs until the API reports it finished (a wave below its bar is resumed, as an
 operator would). Then `otabox.export.writer` writes OUT and its snapshot files
@@ -49,6 +52,8 @@ MIX_1 = (
     "success=80,download-fail=5,verify-fail=3,flash-fail=2,silent=4,decline=2,wrong-version=2,offline-mid-download=2"
 )
 MIX_2 = "success=88,download-fail=3,verify-fail=3,flash-fail=2,silent=4"
+MIX_3 = "download-fail=70,success=30"  # job 3's abort rule trips on these
+OPERATOR_PAUSE_S = 0.5
 FIRMWARE = (("2.0.0", 192 * 1024, "md5"), ("2.1.0", 224 * 1024, "sha256"))
 TIMEOUT_S = 3.0  # silent devices time out after this; the simulated devices need well under a second
 JOB_DEADLINE_S = 180.0  # give up (and fail loudly) when a job has not finished by then
@@ -107,13 +112,23 @@ async def wait_online(api: Api, n: int, version: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def wait_finished(api: Api, job_id: str, say: Say) -> dict[str, Any]:
-    """Poll the job until it is completed, canceled or aborted; resume it when a wave misses its bar."""
+async def wait_finished(api: Api, job_id: str, say: Say, operator_pause: bool = False) -> dict[str, Any]:
+    """Poll the job until it is completed, canceled or aborted; resume it when a wave misses its bar.
+
+    With `operator_pause`, pause it once while it runs and resume it a moment later, as an operator
+    looking at something would: the log then has the operator's rows for the notebooks to show.
+    """
     deadline = time.monotonic() + JOB_DEADLINE_S
     while True:
         job: dict[str, Any] = await api.call("GET", f"/jobs/{job_id}")
         if job["status"] in TERMINAL_JOB:
             return job
+        if operator_pause and job["status"] == "running" and job["counts"]["succeeded"] >= 5:
+            operator_pause = False
+            say(f"  {job_id}: pausing it for a moment, as an operator would")
+            await api.call("POST", f"/jobs/{job_id}/pause")
+            await asyncio.sleep(OPERATOR_PAUSE_S)
+            await api.call("POST", f"/jobs/{job_id}/resume")
         if job["status"] == "paused" and "wave" in (job.get("statusReason") or ""):
             say(f"  {job_id} paused: {job['statusReason']}; resuming it, as an operator would")
             await api.call("POST", f"/jobs/{job_id}/resume")
@@ -128,6 +143,7 @@ async def run_job(
     devices: list[tuple[str, str, str, str]],
     body: dict[str, Any],
     say: Say,
+    operator_pause: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Bring the fleet online, create the job, wait for the API to call it finished; return (job, fleet summary)."""
     fleet = Fleet(fleet_config, devices)
@@ -140,7 +156,7 @@ async def run_job(
         await wait_online(api, len(devices), devices[0][2])
         job = await api.call("POST", "/jobs", json=body)
         say(f"{job['id']} {body['name']!r}: {job['total']} tasks")
-        job = await wait_finished(api, job["id"], say)
+        job = await wait_finished(api, job["id"], say, operator_pause)
     finally:
         fleet.stop("job finished")
         summary = await run
@@ -200,8 +216,9 @@ async def rollout(out: Path, n: int, seed: int, data_dir: Path, say: Say) -> dic
                 abort={"failureRatio": 0.5, "minFinished": 20},
                 waves=[{"percent": 10, "successRatio": 0.8}, {"percent": 100}],
             )
-            job, summary = await run_job(api, fleet_config, devices, body, say)
+            job, summary = await run_job(api, fleet_config, devices, body, say, operator_pause=True)
             jobs.append({"job": job, "mix": MIX_1, "simulator": summary})
+            first_job = job
 
             # Job 2: the devices job 1 upgraded, 2.0.0 -> 2.1.0.
             upgraded = sorted(t["deviceKey"] for t in await api.items(f"/jobs/{job['id']}/tasks", status="succeeded"))
@@ -211,6 +228,26 @@ async def rollout(out: Path, n: int, seed: int, data_dir: Path, say: Say) -> dic
             body = job_body(f"roll out {firmware[1]['version']}", firmware[1]["id"], version, len(upgraded))
             job, summary = await run_job(api, fleet_config, devices, body, say)
             jobs.append({"job": job, "mix": MIX_2, "simulator": summary})
+
+            # Job 3: the devices still on 1.0.0 straight to 2.1.0, with a strict abort rule that trips.
+            failed = {t["deviceKey"] for t in await api.items(f"/jobs/{first_job['id']}/tasks")}
+            behind = sorted(
+                d["deviceKey"] for d in await api.items(f"/products/{PRODUCT}/devices", version=START_VERSION)
+            )
+            behind = [dk for dk in behind if dk in failed]
+            if behind:
+                behaviours = assign(len(behind), parse_mix(MIX_3), seed + 2)
+                devices = [(dk, secrets[dk], START_VERSION, b) for dk, b in zip(behind, behaviours, strict=True)]
+                body = job_body(
+                    f"stragglers to {firmware[1]['version']}",
+                    firmware[1]["id"],
+                    START_VERSION,
+                    len(behind),
+                    maxConcurrency=3,
+                    abort={"failureRatio": 0.3, "minFinished": 4},
+                )
+                job, summary = await run_job(api, fleet_config, devices, body, say)
+                jobs.append({"job": job, "mix": MIX_3, "simulator": summary})
             # What the API says at the end, right before the export: the numbers the notebooks must show.
             final = {j["id"]: j for j in await api.items("/jobs")}
             for entry in jobs:

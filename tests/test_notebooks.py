@@ -260,13 +260,16 @@ def load_make_sample() -> Any:
 def rollout_export(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
     """A fresh export (JSONL; the shipped sample is CSV) of the sample's rollout with a smaller fleet.
 
-    Same code path as the shipped sample: a real server, the simulator's fleet, two jobs run until
-    the API calls them finished, then `otabox export`. The API's final counts come along.
+    Same code path as the shipped sample: a real server, the simulator's fleet, three jobs run until
+    the API calls them finished (the third aborted by its rule), then `otabox export`. The API's
+    final counts come along.
     """
     out = tmp_path_factory.mktemp("export") / "rollout.jsonl"
     result = load_make_sample().main(["--devices", "48", "--seed", "3", "--out", str(out), "--quiet"])
     jobs = [entry["job"] for entry in result["jobs"]]
-    assert all(job["status"] == "completed" for job in jobs), [(j["id"], j["status"]) for j in jobs]
+    statuses = [(j["id"], j["status"]) for j in jobs]
+    assert [s for _, s in statuses[:2]] == ["completed", "completed"], statuses
+    assert all(s == "aborted" for _, s in statuses[2:]), statuses
     counts = {job["id"]: {"tasks": job["total"], **job["counts"]} for job in jobs}
     return Rollout(out, jobs[0]["id"], jobs[1]["id"], counts)
 
@@ -399,13 +402,18 @@ def test_shipped_sample_is_a_consistent_export() -> None:
     for job_id in jobs["id"]:
         derived = analysis.status_counts(events, job_id).iloc[0]
         assert {k: int(derived[k]) for k in HEADLINE_KEYS} == snapshot_counts(jobs, job_id), job_id
-    assert set(jobs["status"].astype(str)) == {"completed"}
+    assert set(jobs["status"].astype(str)) == {"completed", "aborted"}  # job 3's abort rule trips
     assert set(events["firmwareId"]) <= set(export.firmware["id"])
     assert set(analysis.task_events(events)["deviceKey"]) <= set(export.devices["deviceKey"])
-    # What happened to the jobs as a whole is in the log too: the wave that opened, each completion.
+    # What happened to the jobs as a whole is in the log too, and who did it.
     job_rows = analysis.job_events(events)
-    assert {"waveOpened", "completed"} <= set(job_rows["status"].astype(str))
-    assert set(job_rows["actor"].astype(str)) >= {"system"}
+    by = {(str(r.status), str(r.actor)) for r in job_rows.itertuples()}
+    assert {("paused", "admin"), ("resumed", "admin"), ("aborted", "system"), ("completed", "system")} <= by
+    assert ("waveOpened", "system") in by or ("resumed", "admin") in by
+    # The abort canceled the pending rest: each canceled task was logged once, and no failure twice.
+    canceled = analysis.task_events(events)
+    canceled = canceled[canceled["status"].astype(str) == "canceled"]
+    assert not canceled.duplicated(["jobId", "deviceKey", "attempt"]).any()
     # Every failure kind the simulator plays shows up, so every notebook section has data.
     labels = set(analysis.failures(events)["step_label"].astype(str))
     assert {"download", "verify", "flash", "declined", "unexpected version", "timeout"} <= labels
