@@ -98,6 +98,29 @@ class Client:
         finally:
             conn.close()
 
+    def download(self, method: str, path: str, out: Path, progress: Callable[[int, int], None] | None = None) -> int:
+        """Stream a response body into `out` (via `out.part`, 0600); returns its size. Raises ApiError."""
+        conn = self._conn()
+        part = out.with_name(out.name + ".part")
+        try:
+            conn.request(method, self._path(path), body=b"", headers=self._headers())
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                self._result(resp)  # raises ApiError with the server's message
+            total, done = int(resp.getheader("Content-Length") or 0), 0
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                while chunk := resp.read(1024 * 1024):
+                    fh.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, max(total, done))
+            os.replace(part, out)
+            return done
+        finally:
+            part.unlink(missing_ok=True)
+            conn.close()
+
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query)
 

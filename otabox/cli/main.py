@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otabox import __version__
-from otabox.cli import bundle, export, jobs, registry, simulate
+from otabox.cli import backup, bundle, export, jobs, registry, simulate
 from otabox.cli.client import ApiError, Client, discover_url
 from otabox.server import settings
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.register(command, group)
     jobs.register(command, group)
     bundle.register(sub, command, group)
+    backup.register(sub)
     export.register(sub, api)
     simulate.register(sub, api)
     return parser

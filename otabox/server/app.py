@@ -16,11 +16,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from aiohttp import web
 
 from otabox import __version__
+from otabox.server import backup
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
 from otabox.server.firmware import FirmwareService
@@ -65,6 +67,7 @@ class App:
         self._runner: web.AppRunner | None = None
         self._http_sock: socket.socket | None = None
         self._lock: int | None = None
+        self._backups: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -138,6 +141,8 @@ class App:
         await web.SockSite(self._runner, self._http_sock).start()
 
         await engine.start()
+        if s.backup_every > 0:
+            self._backups = asyncio.create_task(self._scheduled_backups(), name="otabox-backups")
         write_private(self.data_dir / "ports.json", json.dumps({"http": http_port, "mqtt": status.mqtt_port}).encode())
         status.ready.set()
         log.info(
@@ -161,11 +166,32 @@ class App:
         self.printed_token = token
         return hash_token(token)
 
+    async def _scheduled_backups(self) -> None:
+        """A backup every `backup_every` seconds into `backup_dir`, keeping the newest `backup_keep`."""
+        s = self.settings
+        folder = Path(s.backup_dir).expanduser() if s.backup_dir else self.data_dir / "backups"
+        signing = Path(s.signing_key).expanduser() if s.signing_key else None
+        while True:
+            await asyncio.sleep(s.backup_every)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                name = folder / time.strftime("otabox-backup-%Y%m%dT%H%M%SZ.tar.gz", time.gmtime())
+                await asyncio.to_thread(backup.write_file, self.data_dir, name, signing_key=signing)
+                await asyncio.to_thread(backup.prune, folder, s.backup_keep)
+                log.info("scheduled backup written to %s", name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduled backup failed")
+
     async def stop(self) -> None:
         """Stop everything that was started, in reverse order. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
+        if self._backups is not None:
+            self._backups.cancel()
+            await asyncio.gather(self._backups, return_exceptions=True)
         if self.services is not None:
             self.services.status.ready.clear()
         if self.engine is not None:

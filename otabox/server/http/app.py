@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from otabox.server.http import api_bundles, api_firmware, api_jobs, api_registry, console, downloads
+from otabox.server.http import api_backup, api_bundles, api_firmware, api_jobs, api_registry, console, downloads
 from otabox.server.http.plumbing import SERVICES, auth_middleware, error_middleware, services
 from otabox.server.services import Services
 
@@ -33,5 +33,6 @@ def build_app(svc: Services) -> web.Application:
     api_firmware.add_routes(web_app)
     api_jobs.add_routes(web_app)
     api_bundles.add_routes(web_app)
+    api_backup.add_routes(web_app)
     console.setup(web_app)
     return web_app
