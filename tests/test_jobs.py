@@ -153,6 +153,9 @@ async def test_concurrency_cap_and_progress_never_backwards(server: Server, fw: 
                 t = await task(server, j["id"], d.dk)
                 assert t["progress"] == 60
                 c = await counts(server, j["id"])
+                # Sampled while this device is in flight too, not only between pushes: a fast engine
+                # can publish, and devices finish, between two samples at the loop's top.
+                seen_max = max(seen_max, c["published"] + c["upgrading"])
                 assert c["published"] + c["upgrading"] <= 2
                 await d.call(protocol.INFORM, {"version": "2.0"})
                 done += 1
