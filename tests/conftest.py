@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sys
 import time
@@ -115,7 +116,23 @@ async def server(tmp_path: Path, server_settings: dict[str, Any]) -> AsyncIterat
     app = await start_server(tmp_path, **server_settings)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         yield Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
-    await app.stop()
+    await stop_within(app)
+
+
+async def stop_within(app: App, seconds: float = 30) -> None:
+    """Stop `app`, failing with every task's stack when that takes longer than `seconds`.
+
+    A stop that hangs would otherwise hang the whole run: pytest-timeout's signal cannot
+    interrupt a test's event loop (asyncio catches the exception in whichever callback it hits).
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await app.stop()
+    except TimeoutError:
+        out = io.StringIO()
+        for t in asyncio.all_tasks():
+            t.print_stack(file=out)
+        pytest.fail(f"App.stop() took over {seconds} s; tasks:\n{out.getvalue()}")
 
 
 def serve_command(data_dir: Path, *extra: str) -> list[str]:

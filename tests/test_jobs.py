@@ -451,3 +451,19 @@ async def test_upgrade_log_jsonl_and_csv(server: Server, fw: dict[str, Any]) -> 
     assert [r["status"] for r in parsed] == [*(r["status"] for r in rows), "completed"]
     assert parsed[0]["step"] == "" and parsed[2]["step"] == "10"
     await d.close()
+
+
+async def test_the_engine_stops_when_kicked_as_it_is_stopped(server: Server) -> None:
+    """A kick that ends the engine's wait just as stop() cancels it must not keep it running
+    (Python 3.11's asyncio.wait_for swallowed exactly that cancel: the server never stopped)."""
+    engine = server.services.engine
+    for steps in range(8):  # the cancel lands at each point of the wake-up in turn
+        await engine.stop()
+        await engine.start()
+        await asyncio.sleep(0.05)  # into its wait
+        engine.kick()
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            await engine.stop()
+    await engine.start()

@@ -73,13 +73,11 @@ class JobEngine:
         self._task = asyncio.create_task(self._run(), name="otabox-job-engine")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # gather, not `except CancelledError`: that would also swallow a cancel of our caller.
+            await asyncio.gather(task, return_exceptions=True)
 
     def kick(self) -> None:
         """Run a tick soon."""
@@ -107,8 +105,11 @@ class JobEngine:
                 raise
             except Exception:
                 log.exception("job engine tick failed")
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+            # arrives as the wait ends (a kick at stop), and stop() then waits for ever.
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -221,23 +222,8 @@ class JobEngine:
     async def _abort(self, job: Job, counts: dict[TaskState, int], now: float) -> None:
         failed, finished = rollout.failures(counts)
         reason = f"aborted: {failed} of {finished} finished tasks failed"
-        await self.store.set_job(
-            job.id,
-            status=JobStatus.ABORTED,
-            reason=reason,
-            finished_at=now,
-            event=JobLogEntry(JobEvent.ABORTED, SYSTEM, reason),
-        )
-        await self.store.bulk_transition(
-            job.id,
-            (TaskState.PENDING,),
-            None,
-            status=TaskState.CANCELED,
-            desc="job aborted",
-            finished_at=now,
-            retry_at=None,
-        )
-        await self.store.bulk_transition(job.id, (TaskState.FAILED,), None, retry_at=None)
+        entry = JobLogEntry(JobEvent.ABORTED, SYSTEM, reason)
+        await self.store.end_job(job.id, JobStatus.ABORTED, entry, (TaskState.PENDING,), now)
         log.warning("job %s %s", job.id, reason)
 
     def _bucket(self, job: Job, now: float) -> rollout.TokenBucket:

@@ -150,17 +150,8 @@ class JobService:
         if job.status in JOB_DONE:
             raise Conflict(f"cannot cancel a {job.status} job", code="bad-state")
         now = time.time()
-        await self.store.set_job(
-            job.id,
-            status=JobStatus.CANCELED,
-            reason=f"canceled by {actor}",
-            finished_at=now,
-            event=JobLogEntry(JobEvent.CANCELED, actor, f"canceled by {actor}"),
-        )
-        await self.store.bulk_transition(
-            job.id, ACTIVE, None, status=TaskState.CANCELED, desc="job canceled", finished_at=now, due_at=None
-        )
-        await self.store.bulk_transition(job.id, (TaskState.FAILED,), None, retry_at=None)
+        entry = JobLogEntry(JobEvent.CANCELED, actor, f"canceled by {actor}")
+        await self.store.end_job(job.id, JobStatus.CANCELED, entry, ACTIVE, now)
         return await self._changed(job)
 
     async def change(self, job: Job, action: str, actor: str) -> Job:

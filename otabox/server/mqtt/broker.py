@@ -257,7 +257,8 @@ class OtaBroker(Broker):
         await entry[1].handle_connection_closed()
         if served is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(served), 5)
+                async with asyncio.timeout(5):  # not wait_for: see JobEngine._run
+                    await asyncio.shield(served)
             except TimeoutError:
                 log.warning("previous connection of %s did not close in time", key)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,12 +13,27 @@ from otabox import jobspec
 from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobEvent, JobStatus, PauseCause, Scope, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import StoreBase
-from otabox.server.store.tasks import insert_job_event, insert_tasks
+from otabox.server.store.tasks import bulk_op, insert_job_event, insert_tasks
 
 _BUSY = (
     "EXISTS (SELECT 1 FROM tasks t WHERE t.product_key = d.product_key AND t.device_key = d.device_key"
     f" AND t.status IN {sql_list(ACTIVE)})"
 )
+
+
+def _job_op(
+    job_id: str, fields: dict[str, Any], reopen: bool, event: JobLogEntry | None
+) -> Callable[[sqlite3.Connection], None]:
+    changes = {k: v for k, v in fields.items() if v is not None}
+    sets = [f"{k} = ?" for k in changes] + (["finished_at = NULL"] if reopen else [])
+    update = f"UPDATE jobs SET {', '.join(sets)}, updated_at = ? WHERE id = ?"
+
+    def op(db: sqlite3.Connection) -> None:
+        db.execute(update, (*changes.values(), time.time(), job_id))
+        if event is not None:
+            insert_job_event(db, job_id, event.status, event.actor, event.desc, event.wave)
+
+    return op
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +131,27 @@ class JobSQL(StoreBase):
             "started_at": started_at,
             "finished_at": finished_at,
         }
-        changes = {k: v for k, v in fields.items() if v is not None}
-        sets = [f"{k} = ?" for k in changes] + (["finished_at = NULL"] if reopen else [])
-        update = f"UPDATE jobs SET {', '.join(sets)}, updated_at = ? WHERE id = ?"
+        await self.batched(_job_op(job_id, fields, reopen, event))
 
-        def op(db: sqlite3.Connection) -> None:
-            db.execute(update, (*changes.values(), time.time(), job_id))
-            if event is not None:
-                insert_job_event(db, job_id, event.status, event.actor, event.desc, event.wave)
+    async def end_job(
+        self, job_id: str, status: JobStatus, event: JobLogEntry, cancel: Sequence[TaskState], now: float
+    ) -> int:
+        """End a job early (canceled, aborted) in one transaction: its row and log row, its tasks
+        in `cancel` canceled, retries of failed ones dropped. No reader ever sees an aborted job
+        with pending tasks. Returns how many tasks were canceled."""
+        job = _job_op(job_id, {"status": status, "status_reason": event.desc, "finished_at": now}, False, event)
+        desc = "job aborted" if status == JobStatus.ABORTED else "job canceled"
+        changes = {"status": TaskState.CANCELED, "desc": desc, "finished_at": now, "due_at": None, "retry_at": None}
+        canceled = bulk_op(job_id, cancel, None, changes)
+        no_retry = bulk_op(job_id, (TaskState.FAILED,), None, {"retry_at": None})
 
-        await self.batched(op)
+        def op(db: sqlite3.Connection) -> int:
+            job(db)
+            n = canceled(db)
+            no_retry(db)
+            return n
+
+        return await self.batched(op)
 
     async def job_counts(self, job_id: str, wave: int | None = None) -> dict[TaskState, int]:
         if wave is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from otabox.models import ACTIVE, IN_FLIGHT, RETRYABLE, EventKind, JobEvent, Task, TaskState, sql_list
@@ -40,6 +40,34 @@ TASK_EVENT = (
     "  AND dl.firmware_id = j.firmware_id)"
     " FROM tasks t JOIN jobs j ON j.id = t.job_id"
 )
+
+
+def bulk_op(
+    job_id: str, from_statuses: Sequence[TaskState], device_keys: Sequence[str] | None, changes: dict[str, Any]
+) -> Callable[[sqlite3.Connection], int]:
+    """The write that moves many tasks of a job at once; returns how many it moved.
+
+    A task's event is written only when its state changes: clearing `retry_at` of failed
+    tasks writes none (the failure was logged when it happened).
+    """
+    assert set(changes) <= TASK_COLUMNS, changes
+    where = f"job_id = ? AND status IN ({','.join('?' * len(from_statuses))})"
+    params: list[Any] = [job_id, *from_statuses]
+    if device_keys is not None:
+        where += f" AND device_key IN ({','.join('?' * len(device_keys))})"
+        params.extend(device_keys)
+    sets = ", ".join(f"{k} = ?" for k in changes)
+    update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
+    logged = "status" in changes and changes["status"] not in from_statuses
+
+    def op(db: sqlite3.Connection) -> int:
+        now = log_time()
+        n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
+        if n and logged:
+            db.execute(TASK_EVENT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now))
+        return n
+
+    return op
 
 
 _clock_lock = threading.Lock()
@@ -195,29 +223,8 @@ class TaskSQL(StoreBase):
     async def bulk_transition(
         self, job_id: str, from_statuses: Sequence[TaskState], device_keys: Sequence[str] | None, **changes: Any
     ) -> int:
-        """Move many tasks of a job at once (cancel, clear retries).
-
-        A task's event is written only when its state changes: clearing `retry_at` of failed
-        tasks writes none (the failure was logged when it happened).
-        """
-        assert set(changes) <= TASK_COLUMNS, changes
-        where = f"job_id = ? AND status IN ({','.join('?' * len(from_statuses))})"
-        params: list[Any] = [job_id, *from_statuses]
-        if device_keys is not None:
-            where += f" AND device_key IN ({','.join('?' * len(device_keys))})"
-            params.extend(device_keys)
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
-        logged = "status" in changes and changes["status"] not in from_statuses
-
-        def op(db: sqlite3.Connection) -> int:
-            now = log_time()
-            n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
-            if n and logged:
-                db.execute(TASK_EVENT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now))
-            return n
-
-        return await self.batched(op)
+        """Move many tasks of a job at once (cancel, clear retries); how many moved."""
+        return await self.batched(bulk_op(job_id, from_statuses, device_keys, changes))
 
     async def retry_task(self, job_id: str, pk: str, dk: str) -> int:
         """Operator retry of a finished, unsuccessful task: a new attempt (1), or 0 when not possible."""
