@@ -16,7 +16,7 @@ from typing import Any
 
 from otabox import protocol
 from otabox.errors import BadRequest
-from otabox.models import JobMode, JobPolicy, JobSpec, JobType, Schedule, Scope, Wave, parse_iso
+from otabox.models import DeltaMode, JobMode, JobPolicy, JobSpec, JobType, Schedule, Scope, Wave, parse_iso
 
 MAX_VERIFY_DEVICES = 10
 DEFAULT_TIMEOUT = 7200.0
@@ -265,6 +265,17 @@ JOB_FIELDS: tuple[JobField, ...] = (
         form="rollbackWatchSeconds",
         unit="s",
     ),
+    JobField(
+        "delta",
+        "choice",
+        "Delta updates",
+        "auto: a device on a stored older version of the firmware line is also offered a binary delta "
+        "(it falls back to the full image); off: the full image only.",
+        default="auto",
+        choices=tuple(DeltaMode),
+        cli="--delta",
+        form="delta",
+    ),
 )
 FIELDS: dict[str, JobField] = {f.path: f for f in JOB_FIELDS}
 SCOPE_KEYS = ("versionNumbers", "deviceKeys", "tags")
@@ -455,6 +466,7 @@ def validate(body: Mapping[str, Any]) -> JobSpec:
         schedule_text=schedule_text,
         allow_downgrade=allow_downgrade,
         rollback_watch_seconds=DEFAULT_ROLLBACK_WATCH if watch is None else float(watch),
+        delta=DeltaMode(_choice(body, "delta")),
     )
 
 
@@ -480,6 +492,7 @@ def to_json(spec: JobSpec) -> dict[str, Any]:
         "retry": {"count": spec.retry_count, "intervalSeconds": spec.retry_interval},
         "allowDowngrade": spec.allow_downgrade,
         "rollbackWatchSeconds": spec.rollback_watch_seconds,
+        "delta": spec.delta.value,
     }
     if spec.abort_ratio is not None:
         out["abort"] = {"failureRatio": spec.abort_ratio, "minFinished": spec.abort_min_finished}

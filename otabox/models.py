@@ -52,6 +52,18 @@ class JobPolicy(StrEnum):
     INCREMENTAL = "incremental"
 
 
+class DeltaMode(StrEnum):
+    """Job option `delta`: offer devices a binary delta beside the full image, or never."""
+
+    AUTO = "auto"
+    OFF = "off"
+
+
+class DeltaStatus(StrEnum):
+    READY = "ready"
+    FAILED = "failed"  # not made (too large, too slow, no saving): pushes carry the full image only
+
+
 class PauseCause(StrEnum):
     """Why a paused job is paused: what `resume` then does depends on it (`rollout.resume`)."""
 
@@ -241,6 +253,7 @@ class JobSpec:
     schedule: Schedule = field(default_factory=Schedule)
     allow_downgrade: bool = False
     rollback_watch_seconds: float = 600.0
+    delta: DeltaMode = DeltaMode.AUTO
     # The schedule as the operator gave it (ISO strings, "HH:MM" pairs), shown back unchanged.
     schedule_text: dict[str, Any] = field(default_factory=dict)
 
@@ -287,6 +300,28 @@ class Task:
     upgrading_at: float | None
     finished_at: float | None
     updated_at: float
+    # Bytes of this task's firmware (full image or delta) served to the device; listings only.
+    bytes_downloaded: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A binary delta that rebuilds firmware `to_id` from firmware `from_id` (`otabox.delta`)."""
+
+    from_id: str
+    to_id: str
+    from_version: str
+    algorithm: str
+    status: DeltaStatus
+    size: int = 0
+    md5: str = ""
+    sha256: str = ""
+    seconds: float = 0.0  # server time spent making it
+    error: str = ""
+    created_at: float = 0.0
+
+    def sign(self, sign_method: str) -> str:
+        return self.md5 if sign_method == "md5" else self.sha256
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,6 +158,7 @@ async def test_every_error_slug_is_documented() -> None:
 
 
 NULLABLE_TASK_FIELDS = (
+    "bytes_downloaded",
     "progress",
     "step",
     "desc",

@@ -41,6 +41,7 @@ FULL_BODY: dict[str, Any] = {
     },
     "allowDowngrade": True,
     "rollbackWatchSeconds": 120.0,
+    "delta": "off",
 }
 
 
@@ -93,7 +94,7 @@ def test_cli_flags_are_the_table() -> None:
         " --mode request --policy incremental --max-concurrency 5 --rate 30 --timeout 600 --retry 2"
         " --retry-interval 60 --abort-ratio 0.2 --abort-min 20 --waves 5:0.95,100 --start 2030-01-01T00:00:00Z"
         " --end 2030-01-02T00:00:00Z --daily-window 01:00-05:00 --tz-offset 60 --allow-downgrade"
-        " --rollback-watch 120"
+        " --rollback-watch 120 --delta off"
     )
     args = parser.parse_args([*flags.split(), "--name", "all of it"])
     assert jobspec.body_from_args(args) == FULL_BODY

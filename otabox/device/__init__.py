@@ -33,8 +33,19 @@ except ImportError:  # pragma: no cover - depends on the install
     # Importable without it (the server binary bundles every otabox module); start() says what is missing.
     aiomqtt = None  # type: ignore[assignment]
 
+from otabox import delta as deltas
 from otabox import protocol
-from otabox.device.download import DownloadError, Offer, OfferError, VerifyError, load_public_key, to_file
+from otabox.delta import DeltaError
+from otabox.device.download import (
+    DeltaOffer,
+    DownloadError,
+    Offer,
+    OfferError,
+    VerifyError,
+    check_file,
+    load_public_key,
+    to_file,
+)
 
 __all__ = [
     "Decision",
@@ -525,8 +536,21 @@ class Device:
 
     # ------------------------------------------------------------ download
 
-    async def download(self, offer: Offer, path: str | os.PathLike[str], *, span: tuple[int, int] = (0, 80)) -> Path:
+    async def download(
+        self,
+        offer: Offer,
+        path: str | os.PathLike[str],
+        *,
+        span: tuple[int, int] = (0, 80),
+        running_image: str | os.PathLike[str] | None = None,
+    ) -> Path:
         """Download the offer's file to `path`, resuming with Range, and verify size and sign.
+
+        With `running_image` (the image this device runs) and an offer that carries a `delta`
+        from this device's version, only the delta is downloaded and applied to it; the rebuilt
+        image must match the full image's size and sign (and signature). Any failure of that
+        path (download, format, apply, check) falls back to the full download. The final
+        progress `desc` says which path was taken.
 
         Writes `<path>.part` first (a later call resumes it) and renames it to `path` only once
         `fileSize` and `sign` match (and, with a `signing_key`, the Ed25519 `signature`).
@@ -538,16 +562,36 @@ class Device:
         """
         session = await self._session()
         lo, hi = span
+        target = Path(path)
+        checked = "size, digest and signature" if self.public_key else "size and digest"
 
         def on_percent(pct: int) -> Awaitable[None]:
             return self._try_progress(lo + (hi - lo) * pct // 100, f"downloaded {pct}%")
 
         await self._try_progress(lo, "downloading")
+        fallback = ""
+        if running_image is not None and offer.delta is not None:
+            try:
+                await self._apply_delta(session, offer, offer.delta, Path(running_image), target, on_percent)
+            except (DownloadError, VerifyError, DeltaError, OSError) as exc:
+                log.warning(
+                    "%s: delta from %s not used, downloading the full image: %s",
+                    self.device_key,
+                    offer.delta.source,
+                    exc,
+                )
+                fallback = f"delta failed ({exc}); "
+            else:
+                size = offer.delta.offer.file_size
+                await self._try_progress(
+                    hi, f"rebuilt from a delta of {size} bytes from {offer.delta.source}; {checked} verified"
+                )
+                return target
         try:
             result = await to_file(
                 session,
                 offer,
-                path,
+                target,
                 on_percent=on_percent,
                 every=self.progress_every,
                 attempts=DOWNLOAD_ATTEMPTS,
@@ -560,9 +604,43 @@ class Device:
         except VerifyError as exc:
             await self.report_failure(FailureCode.VERIFY, str(exc))
             raise VerificationFailed(str(exc), reported=True) from exc
-        checked = "size, digest and signature" if self.public_key else "size and digest"
-        await self._try_progress(hi, f"downloaded; {checked} verified")
+        await self._try_progress(hi, f"{fallback}downloaded the full image; {checked} verified")
         return result
+
+    async def _apply_delta(
+        self,
+        session: aiohttp.ClientSession,
+        offer: Offer,
+        patch: DeltaOffer,
+        running: Path,
+        target: Path,
+        on_percent: Callable[[int], Awaitable[None]],
+    ) -> None:
+        """Download `patch`, apply it to `running` and check the result as the full image."""
+        if patch.source != self.version:
+            raise DeltaError(f"the delta is from {patch.source}, this device runs {self.version}")
+        if patch.algorithm not in deltas.FORMATS:
+            raise DeltaError(f"unknown delta algorithm {patch.algorithm!r}")
+        patch_file = target.with_name(target.name + ".delta")
+        rebuilt = target.with_name(target.name + ".part")
+        try:
+            await to_file(
+                session,
+                patch.offer,
+                patch_file,
+                on_percent=on_percent,
+                every=self.progress_every,
+                attempts=DOWNLOAD_ATTEMPTS,
+                retry_delay=DOWNLOAD_RETRY_DELAY,
+            )
+            await asyncio.to_thread(deltas.apply, running, patch_file, rebuilt, patch.algorithm)
+            await asyncio.to_thread(check_file, offer, rebuilt, self.public_key)
+        except BaseException:
+            rebuilt.unlink(missing_ok=True)
+            raise
+        finally:
+            patch_file.unlink(missing_ok=True)
+        os.replace(rebuilt, target)
 
     async def _session(self) -> aiohttp.ClientSession:
         if self._http is None:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = [
+    "DeltaOffer",
     "DownloadError",
     "Offer",
     "OfferError",
@@ -71,6 +72,8 @@ class Offer:
     desc: str = ""
     job_id: str = ""
     signature: str = ""
+    # A binary delta from the version the device runs, when the server offers one (else None).
+    delta: DeltaOffer | None = field(default=None, compare=False)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -107,8 +110,35 @@ class Offer:
             desc=str(params.get("desc") or ""),
             job_id=str(params.get("jobId") or ""),
             signature=str(params.get("signature") or ""),
+            delta=DeltaOffer.from_params(params.get("delta"), version),
             raw=dict(params),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaOffer:
+    """The `delta` beside an offer's full image: a patch from version `source` (docs/protocol.md)."""
+
+    source: str
+    algorithm: str
+    offer: Offer  # the patch file as a download of its own (its size and sign)
+
+    @classmethod
+    def from_params(cls, params: Any, version: str) -> DeltaOffer | None:
+        """The delta of an offer, or None when there is none or it is unusable: a bad delta must
+        never cost the device its upgrade, which the full image still carries."""
+        if not isinstance(params, dict):
+            return None
+        source, algorithm = params.get("from"), params.get("algorithm")
+        if not isinstance(source, str) or not isinstance(algorithm, str):
+            return None
+        try:
+            patch = Offer.from_params(
+                {k: params.get(k) for k in ("fileUrl", "fileSize", "sign", "signMethod")} | {"version": version}
+            )
+        except OfferError:
+            return None
+        return cls(source, algorithm, patch)
 
 
 def new_hasher(sign_method: str) -> Any:
@@ -159,6 +189,18 @@ def check(offer: Offer, size: int, digest: str) -> None:
         raise VerifyError(f"size {size} differs from fileSize {offer.file_size}")
     if digest.lower() != offer.sign:
         raise VerifyError(f"{offer.sign_method} {digest} differs from sign {offer.sign}")
+
+
+def check_file(offer: Offer, path: Path, public_key: Ed25519PublicKey | None = None) -> None:
+    """Raise VerifyError unless the file at `path` is the offer's image (size, sign, signature).
+
+    Blocking (reads the file): run it in a thread.
+    """
+    hasher = new_hasher(offer.sign_method)
+    size = _hash_file(path, hasher)
+    check(offer, size, hasher.hexdigest())
+    if public_key is not None:
+        verify_signature(public_key, path, offer.signature)
 
 
 async def fetch(

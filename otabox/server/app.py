@@ -25,6 +25,7 @@ from otabox import __version__
 from otabox.server import backup
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
+from otabox.server.deltas import DeltaService
 from otabox.server.firmware import FirmwareService
 from otabox.server.http.app import build_app
 from otabox.server.jobs.engine import JobEngine
@@ -63,6 +64,7 @@ class App:
         self.store: Store | None = None
         self.broker: OtaBroker | None = None
         self.engine: JobEngine | None = None
+        self.deltas: DeltaService | None = None
         self.gateway: DeviceGateway | None = None
         self._runner: web.AppRunner | None = None
         self._http_sock: socket.socket | None = None
@@ -111,7 +113,8 @@ class App:
         urls = FileUrls(keys, s.public_url or _default_public_url(s.host, http_port), s.download_token_ttl)
 
         outbox = Outbox()
-        engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval)
+        deltas = self.deltas = DeltaService(store, artifacts, s.delta_max_bytes, s.delta_timeout)
+        engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval, deltas)
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
         gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox, s.last_seen_interval)
@@ -119,7 +122,7 @@ class App:
         await self.broker.start()
 
         status = Status(self.version, http_port, self.broker.port)
-        firmware = FirmwareService(store, artifacts, signer, s.max_upload_bytes)
+        firmware = FirmwareService(store, artifacts, signer, s.max_upload_bytes, deltas)
         services = self.services = Services(
             settings=s,
             status=status,
@@ -134,6 +137,7 @@ class App:
             bundles=BundleService(store, artifacts, firmware),
             jobs=JobService(store, engine),
             engine=engine,
+            deltas=deltas,
             admin_token_hash=admin_hash,
         )
         self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -196,6 +200,8 @@ class App:
             self.services.status.ready.clear()
         if self.engine is not None:
             await self.engine.stop()
+        if self.deltas is not None:
+            await self.deltas.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._http_sock is not None:

@@ -123,4 +123,6 @@ class BundleService:
                 if not await self.store.sha256_in_use(sha):
                     self.artifacts.remove(sha)
             raise
+        for fw in records:
+            await self.firmware.deltas.uploaded(fw)
         return records

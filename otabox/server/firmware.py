@@ -17,6 +17,7 @@ from otabox import protocol
 from otabox.errors import BadRequest, Conflict, NotFound
 from otabox.models import Firmware, FirmwareStatus
 from otabox.server.artifacts import Artifacts, StoredFile
+from otabox.server.deltas import DeltaService
 from otabox.server.keys import Signer
 from otabox.server.registry import check_text
 from otabox.server.store import DuplicateError, Store
@@ -74,11 +75,14 @@ async def _read_field(name: str, chunks: AsyncIterator[bytes]) -> str:
 
 
 class FirmwareService:
-    def __init__(self, store: Store, artifacts: Artifacts, signer: Signer | None, max_upload_bytes: int) -> None:
+    def __init__(
+        self, store: Store, artifacts: Artifacts, signer: Signer | None, max_upload_bytes: int, deltas: DeltaService
+    ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.signer = signer
         self.max_upload_bytes = max_upload_bytes
+        self.deltas = deltas
 
     async def get(self, firmware_id: str) -> Firmware:
         """Raises NotFound."""
@@ -104,11 +108,13 @@ class FirmwareService:
                     fields[name] = await _read_field(name, chunks)
             if stored is None:
                 raise BadRequest("file is required")
-            return await self._register(product_key, stored, fields)
+            fw = await self._register(product_key, stored, fields)
         except BaseException:
             if stored is not None and not await self.store.sha256_in_use(stored.sha256):
                 self.artifacts.remove(stored.sha256)
             raise
+        await self.deltas.uploaded(fw)
+        return fw
 
     async def signature_of(self, path: Path) -> str | None:
         """The server's Ed25519 signature of a stored file (None without a signing key)."""
@@ -157,6 +163,12 @@ class FirmwareService:
         users = await self.store.jobs_using_firmware(fw.id)
         if users:
             raise Conflict(f"firmware is used by active job(s) {', '.join(users)}", code="in-use")
+        made = await self.store.deltas_of(fw.id)
+        await self.store.delete_deltas_of(fw.id)
         await self.store.delete_firmware(fw.id)
+        self.deltas.forget(fw.id)
+        for d in made:
+            if d.sha256:
+                self.artifacts.remove(d.sha256)
         if not await self.store.sha256_in_use(fw.sha256):
             self.artifacts.remove(fw.sha256)

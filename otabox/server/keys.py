@@ -150,7 +150,8 @@ class Signer:
 
 
 class FileUrls:
-    """Device-bound firmware download URLs: `{public_url}/firmware/{id}/{file}?token=...`."""
+    """Device-bound firmware download URLs: `{public_url}/firmware/{id}/{file}?token=...` and
+    `{public_url}/firmware/{id}/delta/{from id}?token=...`."""
 
     def __init__(self, keys: Keys, public_url: str, ttl: float) -> None:
         self.keys = keys
@@ -160,3 +161,8 @@ class FileUrls:
     def file_url(self, fw: Firmware, device_key: str) -> str:
         token = self.keys.download_token(fw.id, fw.product_key, device_key, self.ttl)
         return f"{self.public_url}/firmware/{fw.id}/{fw.file_name}?token={token}"
+
+    def delta_url(self, fw: Firmware, from_id: str, device_key: str) -> str:
+        """The delta from firmware `from_id` to `fw`; the token is the one of `fw`'s full image."""
+        token = self.keys.download_token(fw.id, fw.product_key, device_key, self.ttl)
+        return f"{self.public_url}/firmware/{fw.id}/delta/{from_id}?token={token}"

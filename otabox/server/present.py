@@ -105,6 +105,7 @@ def task(t: Task) -> dict[str, Any]:
         "upgradingAt": iso(t.upgrading_at),
         "finishedAt": iso(t.finished_at),
         "updatedAt": iso(t.updated_at),
+        "bytesDownloaded": t.bytes_downloaded,
     }
 
 

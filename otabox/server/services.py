@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
+from otabox.server.deltas import DeltaService
 from otabox.server.firmware import FirmwareService
 from otabox.server.jobs.engine import JobEngine
 from otabox.server.jobs.service import JobService
@@ -46,4 +47,5 @@ class Services:
     bundles: BundleService
     jobs: JobService
     engine: JobEngine
+    deltas: DeltaService
     admin_token_hash: str

@@ -56,6 +56,13 @@ SETTINGS: tuple[Setting, ...] = (
     # lastSeen of a device that keeps talking is written at most this often (connect, version
     # reports and disconnect always write it): fresh for people, cheap under a fleet's progress.
     Setting("last_seen_interval", float, 30.0, "Seconds between lastSeen updates of a device that keeps talking."),
+    Setting(
+        "delta_max_bytes",
+        int,
+        64 * 1024**2,
+        "Largest firmware image otabox makes binary deltas for (bytes); 0 = no deltas.",
+    ),
+    Setting("delta_timeout", float, 300.0, "Seconds making one delta may take before it is given up."),
     Setting("backup_every", float, 0.0, "Seconds between scheduled backups into backup_dir; 0 = none."),
     Setting("backup_keep", int, 7, "Scheduled backups kept (the oldest are deleted)."),
     Setting("backup_dir", str, "", "Folder of scheduled backups; default <data-dir>/backups."),
@@ -80,6 +87,8 @@ class Settings:
     login_fail_window: float = 60.0
     scheduler_interval: float = 1.0
     last_seen_interval: float = 30.0
+    delta_max_bytes: int = 64 * 1024**2
+    delta_timeout: float = 300.0
     backup_every: float = 0.0
     backup_keep: int = 7
     backup_dir: str = ""

@@ -29,6 +29,7 @@ def build_app(svc: Services) -> web.Application:
     web_app[SERVICES] = svc
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/firmware/{id}/{file}", downloads.download)
+    web_app.router.add_get("/firmware/{id}/delta/{from}", downloads.download_delta)
     api_registry.add_routes(web_app)
     api_firmware.add_routes(web_app)
     api_jobs.add_routes(web_app)

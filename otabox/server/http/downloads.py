@@ -1,4 +1,6 @@
-"""Firmware downloads for devices: `GET/HEAD /firmware/{id}/{file}?token=...` with Range, ETag and HEAD."""
+"""Firmware downloads for devices: `GET/HEAD /firmware/{id}/{file}?token=...` and the deltas to it,
+`/firmware/{id}/delta/{from id}?token=...`, with Range, ETag and HEAD. The bytes of both count as
+the device's download of firmware `id` (bytesDownloaded), so the saving of a delta shows."""
 
 from __future__ import annotations
 
@@ -11,31 +13,51 @@ from typing import Any
 from aiohttp import web
 
 from otabox.errors import Forbidden, NotFound, Unauthorized
+from otabox.models import DeltaStatus
 from otabox.server.http.plumbing import services
 
 # Send buffer of download connections (bytes): see _CountedFileResponse.prepare.
 DOWNLOAD_SNDBUF = 512 * 1024
 
 
-async def download(request: web.Request) -> web.StreamResponse:
-    svc = services(request)
-    firmware_id = request.match_info["id"]
+def _device(request: web.Request, firmware_id: str) -> tuple[str, str]:
+    """The (product key, device key) the request's download token was made for. Raises 401/403."""
     token = request.query.get("token")
     if not token:
         raise Unauthorized("download token required (fileUrl carries it)")
-    claims = svc.keys.check_download_token(token, firmware_id)
+    claims = services(request).keys.check_download_token(token, firmware_id)
     if isinstance(claims, str):
         raise Forbidden(claims)
+    return claims
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    firmware_id = request.match_info["id"]
+    pk, dk = _device(request, firmware_id)
     fw = await svc.store.get_firmware(firmware_id)
     if fw is None or request.match_info["file"] != fw.file_name:
         raise NotFound("no such firmware file")
-    path = svc.artifacts.path_for(fw.sha256)
+    return _counted(request, svc.artifacts.path_for(fw.sha256), pk, dk, firmware_id)
+
+
+async def download_delta(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    firmware_id = request.match_info["id"]
+    pk, dk = _device(request, firmware_id)
+    found = await svc.store.get_delta(request.match_info["from"], firmware_id)
+    if found is None or found.status != DeltaStatus.READY:
+        raise NotFound("no such delta")
+    return _counted(request, svc.deltas.path_of(found), pk, dk, firmware_id)
+
+
+def _counted(request: web.Request, path: Path, pk: str, dk: str, firmware_id: str) -> web.StreamResponse:
     if not path.exists():
         raise NotFound("firmware file missing on disk")
-    pk, dk = claims
+    store = services(request).store
 
     async def sent(nbytes: int) -> None:
-        await svc.store.add_download(pk, dk, firmware_id, nbytes)
+        await store.add_download(pk, dk, firmware_id, nbytes)
 
     # The URL names immutable content, so caches may keep it; this is also why aiohttp
     # ignoring If-Range is harmless here.

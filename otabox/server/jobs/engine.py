@@ -18,6 +18,8 @@ from otabox import protocol, rollout
 from otabox.models import (
     IN_FLIGHT,
     SYSTEM,
+    Delta,
+    DeltaMode,
     Firmware,
     FirmwareStatus,
     Job,
@@ -30,6 +32,7 @@ from otabox.models import (
     Task,
     TaskState,
 )
+from otabox.server.deltas import DeltaService
 from otabox.server.store import JobLogEntry, Store
 
 log = logging.getLogger(__name__)
@@ -45,14 +48,17 @@ class Sender(Protocol):
 class UrlMaker(Protocol):
     def file_url(self, fw: Firmware, device_key: str) -> str: ...
 
+    def delta_url(self, fw: Firmware, from_id: str, device_key: str) -> str: ...
+
 
 class JobEngine:
     """Drives jobs on a timer and when kicked (a device connected, a task finished, a job changed)."""
 
-    def __init__(self, store: Store, sender: Sender, urls: UrlMaker, interval: float) -> None:
+    def __init__(self, store: Store, sender: Sender, urls: UrlMaker, interval: float, deltas: DeltaService) -> None:
         self.store = store
         self.sender = sender
         self.urls = urls
+        self.deltas = deltas
         self.interval = interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -247,8 +253,9 @@ class JobEngine:
                 job.id, job.product_key, [t.device_key for t in tasks], now, now + job.spec.timeout_seconds
             )
             bucket.take(len(published))
+            versions = {t.device_key: t.from_version for t in tasks}
             for dk in published:
-                self.send_upgrade(job, fw, dk)
+                self.send_upgrade(job, fw, dk, await self.delta_for(job, fw, versions.get(dk)))
         if len(tasks) == budget:
             self.kick()  # more may be pushable right away (rate and concurrency permitting)
 
@@ -289,8 +296,18 @@ class JobEngine:
             self._firmware[firmware_id] = fw
         return fw
 
-    def offer(self, job: Job, fw: Firmware, device_key: str) -> dict[str, Any]:
-        """The params of an upgrade push / getversion offer (device protocol 3.2)."""
+    async def delta_for(self, job: Job, fw: Firmware, from_version: str | None) -> Delta | None:
+        """The delta to offer a device on `from_version` beside the full image, if any."""
+        if job.spec.delta == DeltaMode.OFF:
+            return None
+        return await self.deltas.for_device(fw, from_version)
+
+    def offer(self, job: Job, fw: Firmware, device_key: str, delta: Delta | None = None) -> dict[str, Any]:
+        """The params of an upgrade push / getversion offer (device protocol 3.2).
+
+        The full image's params are always there (a device that knows nothing of deltas reads
+        only those); `delta` sits beside them.
+        """
         params: dict[str, Any] = {
             "version": fw.version,
             "sign": fw.sign,
@@ -303,11 +320,20 @@ class JobEngine:
         }
         if fw.signature:
             params["signature"] = fw.signature
+        if delta is not None:
+            params["delta"] = {
+                "from": delta.from_version,
+                "algorithm": delta.algorithm,
+                "fileUrl": self.urls.delta_url(fw, delta.from_id, device_key),
+                "fileSize": delta.size,
+                "sign": delta.sign(fw.sign_method),
+                "signMethod": fw.sign_method,
+            }
         return params
 
-    def send_upgrade(self, job: Job, fw: Firmware, dk: str) -> bool:
+    def send_upgrade(self, job: Job, fw: Firmware, dk: str, delta: Delta | None = None) -> bool:
         # String ids: the EnOS Python SDK breaks on numeric ids in pushes.
-        payload = protocol.request(str(next(self._ids)), "ota.device.upgrade", self.offer(job, fw, dk))
+        payload = protocol.request(str(next(self._ids)), "ota.device.upgrade", self.offer(job, fw, dk, delta))
         return self.sender.deliver(job.product_key, dk, protocol.UPGRADE, payload, qos=1)
 
     # ------------------------------------------------------------ results

@@ -134,7 +134,7 @@ class DeviceReports:
                 return []
             if not await self.engine.claim_offer(job, device_key, now):
                 return []
-        return [self.engine.offer(job, fw, device_key)]
+        return [self.engine.offer(job, fw, device_key, await self.engine.delta_for(job, fw, task.from_version))]
 
     async def on_upgrade_reply(self, product_key: str, device_key: str, code: int, message: str | None) -> None:
         if code == protocol.CODE_OK:

@@ -15,6 +15,7 @@ from otabox.models import (
     ACTIVE,
     JOB_DONE,
     LIVE_JOBS,
+    DeltaMode,
     FirmwareStatus,
     Job,
     JobEvent,
@@ -115,6 +116,8 @@ class JobService:
             spec=spec,
         )
         await self.store.create_job(job, [(d.device_key, d.version, w) for d, w in zip(devices, waves, strict=True)])
+        if jtype == JobType.UPGRADE and spec.delta == DeltaMode.AUTO:
+            await self.engine.deltas.prepare(fw, {d.version for d in devices if d.version})
         self.engine.jobs_changed()
         return job, warnings
 

@@ -8,6 +8,7 @@ dataclasses built in `rows.py`; the schema is `migrations.py`. May import `otabo
 from __future__ import annotations
 
 from otabox.server.store.base import DuplicateError
+from otabox.server.store.deltas import DeltaSQL
 from otabox.server.store.events import EventSQL
 from otabox.server.store.firmware import FirmwareSQL
 from otabox.server.store.jobs import JobLogEntry, JobSQL
@@ -17,5 +18,5 @@ from otabox.server.store.tasks import TaskSQL
 __all__ = ["DuplicateError", "JobLogEntry", "Store"]
 
 
-class Store(RegistrySQL, FirmwareSQL, JobSQL, TaskSQL, EventSQL):
+class Store(RegistrySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL):
     """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""

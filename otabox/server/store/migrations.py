@@ -186,4 +186,24 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE firmware_lines RENAME TO firmware
         """,
     ),
+    (
+        # Binary deltas between two firmware of one line, made once per pair (otabox.server.deltas).
+        "0008_deltas",
+        """
+        CREATE TABLE deltas (
+            from_id TEXT NOT NULL,
+            to_id TEXT NOT NULL,
+            from_version TEXT NOT NULL,
+            algorithm TEXT NOT NULL,
+            status TEXT NOT NULL,
+            size INTEGER NOT NULL DEFAULT 0,
+            md5 TEXT NOT NULL DEFAULT '',
+            sha256 TEXT NOT NULL DEFAULT '',
+            seconds REAL NOT NULL DEFAULT 0,
+            error TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            PRIMARY KEY (from_id, to_id)
+        )
+        """,
+    ),
 ]

@@ -111,6 +111,7 @@ def task(row: sqlite3.Row) -> Task:
         upgrading_at=row["upgrading_at"],
         finished_at=row["finished_at"],
         updated_at=row["updated_at"],
+        bytes_downloaded=row["bytes_downloaded"] if "bytes_downloaded" in row.keys() else None,  # noqa: SIM118
     )
 
 

@@ -70,6 +70,12 @@ def bulk_op(
     return op
 
 
+# A task's bytesDownloaded: what the device fetched of its job's firmware (full image or delta).
+_BYTES = (
+    "(SELECT dl.bytes FROM downloads dl WHERE dl.product_key = t.product_key AND dl.device_key = t.device_key"
+    " AND dl.firmware_id = (SELECT firmware_id FROM jobs WHERE id = t.job_id)) AS bytes_downloaded"
+)
+
 _clock_lock = threading.Lock()
 _last_ts = 0.0
 
@@ -159,7 +165,8 @@ class TaskSQL(StoreBase):
     ) -> tuple[list[Task], int]:
         where, params = ("job_id = ? AND status = ?", [job_id, status]) if status else ("job_id = ?", [job_id])
         found = await self._all(
-            f"SELECT * FROM tasks WHERE {where} ORDER BY device_key LIMIT ? OFFSET ?", (*params, limit, offset)
+            f"SELECT *, {_BYTES} FROM tasks t WHERE {where} ORDER BY device_key LIMIT ? OFFSET ?",
+            (*params, limit, offset),
         )
         total = await self._one(f"SELECT COUNT(*) AS n FROM tasks WHERE {where}", params)
         return [rows.task(r) for r in found], total["n"] if total else 0

@@ -125,6 +125,7 @@ async def _render_form(request: web.Request, form: dict[str, str], error: str) -
         "retry_abort": RETRY_ABORT,
         "tz": jobspec.FIELDS["schedule.timezoneOffsetMinutes"],
         "downgrade": jobspec.FIELDS["allowDowngrade"],
+        "delta": jobspec.FIELDS["delta"],
     }
     return render(request, "job_new.html", ctx)
 
