@@ -320,7 +320,7 @@ def _choice(body: Mapping[str, Any], path: str) -> str:
     f = _field(path)
     value = body.get(f.key, f.default)
     if value not in f.choices:
-        raise BadRequest(f"{f.key} must be {' or '.join(repr(c) for c in f.choices)}")
+        raise BadRequest(f"{f.key} must be {' or '.join(repr(str(c)) for c in f.choices)}")
     return str(value)
 
 

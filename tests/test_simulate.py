@@ -33,6 +33,8 @@ EXPECTED = {  # the outcome each behaviour ends in, as the simulator sees it
     "success": "succeeded",
     "offline-mid-download": "succeeded",
     "churn": "succeeded",
+    "delta": "succeeded",  # no delta offered here: like success
+    "delta-broken": "succeeded",
     "download-fail": "failed",
     "verify-fail": "failed",
     "flash-fail": "failed",
@@ -140,9 +142,9 @@ async def test_push_fleet_every_behaviour(server: Server) -> None:
 
     assert summary["stoppedBy"] == "done"
     assert outcomes_by_behaviour(summary) == {b: {EXPECTED[b]: 2} for b in BEHAVIOURS}
-    assert summary["outcomes"] == {"succeeded": 6, "failed": 10, "silent": 2}
+    assert summary["outcomes"] == {"succeeded": 10, "failed": 10, "silent": 2}
     assert summary["resumedDownloads"] == 2 and summary["churnDisconnects"] >= 1
-    assert summary["downloadedBytes"] >= 8 * len(FIRMWARE)
+    assert summary["downloadedBytes"] >= 12 * len(FIRMWARE)
     assert "success" in format_summary(summary)
 
     # What the server was told, device by device.
@@ -163,7 +165,7 @@ async def test_push_fleet_every_behaviour(server: Server) -> None:
             assert rec.versions(dev.key)[:2] == ["1.0.0", "1.0.0"]  # reconnected mid-download on the old version
     bytes_served = [await server.store.downloaded_bytes("pk1", d.key, fw["id"]) for d in fleet.devices]
     fetched = [n for n, d in zip(bytes_served, fleet.devices, strict=True) if d.behaviour not in ("silent", "decline")]
-    assert len(fetched) == 14 and all(fetched)
+    assert len(fetched) == 18 and all(fetched)
 
 
 async def _true(value: bool) -> bool:

@@ -37,6 +37,8 @@ BEHAVIOURS = (
     "wrong-version",  # upgrades but boots an unexpected version
     "offline-mid-download",  # loses MQTT and HTTP mid-download, reconnects, resumes with Range, succeeds
     "churn",  # disconnects and reconnects at random while idle, then upgrades like success
+    "delta",  # takes the offered delta from its version instead of the full image, then like success
+    "delta-broken",  # downloads the delta, fails to apply it, falls back to the full image, succeeds
 )
 IMPORT_BATCH = 5000  # devices per bulk-import request (keeps each JSON body well under 1 MiB)
 
@@ -352,7 +354,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(
         f"downloaded {s['downloadedBytes'] / 1e6:.1f} MB; reconnects {s['reconnects']};"
         f" churn disconnects {s['churnDisconnects']}; resumed downloads {s['resumedDownloads']};"
-        f" connect failures {s['connectFailures']}"
+        f" connect failures {s['connectFailures']}; deltas used {s['deltasUsed']}, fallen back {s['deltaFallbacks']}"
     )
     if s.get("connectSeconds") is not None:
         lines.append(f"all {s['devices']} devices logged in within {s['connectSeconds']:.1f}s")

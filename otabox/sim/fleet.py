@@ -81,6 +81,8 @@ class Fleet:
         self.churns = 0
         self.resumes = 0
         self.downloaded = 0
+        self.deltas_used = 0
+        self.delta_fallbacks = 0
         self.stopping = False
         self.stopped_by = ""
         self.started = 0.0
@@ -228,4 +230,6 @@ class Fleet:
             "churnDisconnects": self.churns,
             "resumedDownloads": self.resumes,
             "downloadedBytes": self.downloaded,
+            "deltasUsed": self.deltas_used,
+            "deltaFallbacks": self.delta_fallbacks,
         }

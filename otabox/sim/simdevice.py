@@ -35,6 +35,8 @@ class Fleet(Protocol):
     churns: int
     resumes: int
     downloaded: int
+    deltas_used: int
+    delta_fallbacks: int
 
     def next_id(self) -> str: ...
 
@@ -267,7 +269,7 @@ class SimDevice:
             self.finish(FAILED)
             return
         await self.report(0, "downloading", wait_reply=True)
-        step, desc = await self.download(offer)
+        step, desc = await self.fetch_image(offer)
         if step < 0:
             await self.report(step, desc, wait_reply=True)
             self.finish(FAILED)
@@ -295,6 +297,27 @@ class SimDevice:
             await self.report(step, f"downloaded {pct}%")
         if pause > 0.005:
             await asyncio.sleep(pause)  # throttled to this device's download speed
+
+    async def fetch_image(self, offer: Offer) -> tuple[int, str]:
+        """The new image by the delta when this device takes deltas and one is offered from its
+        version, else (or when the delta fails) by the full download. Like `download`'s result."""
+        patch = offer.delta
+        if self.behaviour not in ("delta", "delta-broken") or patch is None or patch.source != self.version:
+            return await self.download(offer)
+        f = self.fleet
+        step, desc = await self.download(patch.offer)
+        if step == 0 and self.behaviour == "delta":
+            # Simulated: no flash holds the old image, so the patch's own digest check stands in
+            # for the rebuilt image's.
+            f.deltas_used += 1
+            await self.report(
+                80, f"rebuilt from a delta of {patch.offer.file_size} bytes from {patch.source} (simulated)"
+            )
+            return 0, ""
+        f.delta_fallbacks += 1
+        why = desc or "the patch did not apply (simulated)"
+        await self.report(0, f"delta failed ({why}); downloading the full image")
+        return await self.download(offer)
 
     async def download(self, offer: Offer) -> tuple[int, str]:
         """Really download and check the file. Returns (0, "") or the failure step and its desc."""
