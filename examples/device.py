@@ -57,6 +57,12 @@ class Slots:
         return self.state["version"]
 
     @property
+    def running(self) -> Path | None:
+        """The image the device runs (None before the first upgrade: the factory image is not here)."""
+        path = self.root / self.state["active"] / "firmware.bin"
+        return path if path.exists() else None
+
+    @property
     def inactive(self) -> Path:
         path = self.root / ("b" if self.state["active"] == "a" else "a")
         path.mkdir(exist_ok=True)
@@ -82,7 +88,9 @@ async def run_once(args: argparse.Namespace, slots: Slots) -> None:
 
     async def on_upgrade(offer: Offer) -> None:
         # The SDK reports download progress (0..80) and, if it fails, step -2 or -3 itself.
-        image = await device.download(offer, slots.root / "download.bin")
+        # With the running image, the SDK takes a delta when the server offers one (and falls
+        # back to the full image if it does not work out).
+        image = await device.download(offer, slots.root / "download.bin", running_image=slots.running)
         await device.report_progress(90, "flashing")
         try:
             await asyncio.to_thread(slots.flash, image, offer.version)  # YOUR FLASH WRITE

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from otabox import jobspec
-from otabox.models import TASK_STATES, Device, Event, Firmware, Job, Product, Publisher, Task, TaskState, iso
+from otabox.models import TASK_STATES, Delta, Device, Event, Firmware, Job, Product, Publisher, Task, TaskState, iso
 from otabox.rollout import WaitState
 
 
@@ -84,6 +84,21 @@ def waiting(w: WaitState | None) -> dict[str, Any] | None:
     if w is None:
         return None
     return {"reason": w.reason.value, **({"until": iso(w.until)} if w.until is not None else {})}
+
+
+def delta(d: Delta) -> dict[str, Any]:
+    return {
+        "fromId": d.from_id,
+        "fromVersion": d.from_version,
+        "toId": d.to_id,
+        "algorithm": d.algorithm,
+        "status": d.status.value,
+        "fileSize": d.size,
+        "sha256": d.sha256 or None,
+        "seconds": d.seconds,
+        "error": d.error or None,
+        "createdAt": iso(d.created_at),
+    }
 
 
 def task(t: Task) -> dict[str, Any]:

@@ -69,6 +69,13 @@ async def get_firmware(request: web.Request) -> web.Response:
     return json_response(present.firmware(await services(request).firmware.get(request.match_info["id"])))
 
 
+async def firmware_deltas(request: web.Request) -> web.Response:
+    svc = services(request)
+    fw = await svc.firmware.get(request.match_info["id"])
+    made = [d for d in await svc.store.deltas_of(fw.id) if d.to_id == fw.id]
+    return json_response({"items": [present.delta(d) for d in made]})
+
+
 async def delete_firmware(request: web.Request) -> web.Response:
     svc = services(request)
     await svc.firmware.remove(await svc.firmware.get(request.match_info["id"]))
@@ -92,4 +99,5 @@ def add_routes(web_app: web.Application) -> None:
     r.add_get(f"{p}/firmware/{{id}}", get_firmware)
     r.add_delete(f"{p}/firmware/{{id}}", delete_firmware)
     r.add_get(f"{p}/firmware/{{id}}/url", firmware_url)
+    r.add_get(f"{p}/firmware/{{id}}/deltas", firmware_deltas)
     r.add_get(f"{p}/signing-key", signing_key)
