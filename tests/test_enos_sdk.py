@@ -166,7 +166,11 @@ async def _task(server: Server, job_id: str) -> dict[str, Any]:
 async def test_stock_sdk_whole_push_upgrade(server: Server, enos_python: Path) -> None:
     dev = await server.device("sdk-push")
     content = bytes(range(256)) * 400
-    fw = await server.firmware("pk1", "2.0.0", content)
+    # 1.0.0 of the same line is stored, so the push carries a delta too: the stock SDK must
+    # ignore it and take the full image.
+    await server.firmware("pk1", "1.0.0", content[:-256] + bytes(256), name="main")
+    fw = await server.firmware("pk1", "2.0.0", content, name="main")
+    await server.services.deltas.idle()
     proc = await start_device(enos_python, server, "sdk-push", dev["deviceSecret"], version="1.0.0", mode="push")
     try:
         assert (await next_event(proc, "inform_reply"))["code"] == 200
@@ -176,6 +180,7 @@ async def test_stock_sdk_whole_push_upgrade(server: Server, enos_python: Path) -
         assert job["total"] == 1
         push = await next_event(proc, "upgrade")  # the SDK never subscribed: delivered by the server
         assert push["params"]["fileSize"] == len(content) and push["params"]["sign"] == fw["sha256"]
+        assert push["params"]["delta"]["from"] == "1.0.0"
         downloaded = await next_event(proc, "downloaded")
         assert downloaded["size_ok"] and downloaded["sign_ok"]
         assert (await next_event(proc, "done"))["version"] == "2.0.0"
