@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(
-        f"{'delta':<6} {'devices':>7} {'ok':>5} {'bytes served':>14} {'per device':>11} {'used':>5} {'fell back':>9} {'s':>6}"
-    )
+    head = ("delta", "devices", "ok", "bytes served", "per device", "used", "fell back", "s")
+    print("{:<6} {:>7} {:>5} {:>14} {:>11} {:>5} {:>9} {:>6}".format(*head))
     for r in runs:
         per = r["bytesServed"] / r["devices"] if r["devices"] else 0
         print(
