@@ -121,6 +121,11 @@ async def sdk_upgrade(
 
     device = Device("127.0.0.1", server.mqtt_port, "pk1", "d1", d["deviceSecret"], version="1.0", on_upgrade=on_upgrade)
     async with device:
+
+        async def reported() -> bool:  # the job takes the version the device has reported
+            return bool((await server.call("GET", "/products/pk1/devices/d1", 200))["version"] == "1.0")
+
+        await wait_for(reported)
         job = await server.call("POST", "/jobs", 201, json={"firmwareId": new["id"], "scope": {"deviceKeys": ["d1"]}})
 
         async def succeeded() -> bool:
@@ -200,3 +205,50 @@ async def test_the_simulator_takes_deltas_and_falls_back_for_broken_ones(server:
     served = {d.behaviour: await server.store.downloaded_bytes("pk1", d.key, new["id"]) for d in fleet.devices}
     # A device that knows no deltas takes the full image; a broken delta costs the delta and the image.
     assert served == {"delta": made.size, "delta-broken": made.size + len(NEW), "success": len(NEW)}
+
+
+async def test_a_delta_over_its_time_is_given_up_and_the_push_goes_out_whole(tmp_path: Path) -> None:
+    from tests.conftest import TOKEN, start_server, stop_within
+
+    app = await start_server(tmp_path, scheduler_interval=0.1, delta_timeout=0.01)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            server = Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
+            _old, new = await line(server)
+            shown = (await server.call("GET", f"/firmware/{new['id']}/deltas", 200))["items"]
+            assert [(d["status"], d["fromVersion"]) for d in shown] == [("failed", "1.0")]
+            assert "delta_timeout" in shown[0]["error"]
+            assert "delta" not in await push_to(server, new, "d1", "1.0")
+            assert not list((tmp_path / "data" / "firmware" / "tmp").iterdir())  # no half-made patch left
+    finally:
+        await stop_within(app)
+
+
+def test_the_maker_is_bounded_in_memory(tmp_path: Path) -> None:
+    from otabox.cli import main
+
+    big = random.Random(3).randbytes(16 << 20)
+    (tmp_path / "a").write_bytes(big)
+    (tmp_path / "b").write_bytes(big[::-1])
+    out = tmp_path / "p"
+    # bsdiff needs ~15x the image: 16 MiB images cannot be diffed in a 200 MB address space.
+    argv = ["delta", "make", str(tmp_path / "a"), str(tmp_path / "b"), str(out), "--max-memory", str(200 << 20)]
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "otabox", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done
+    assert "otabox:" in done.stderr and "Traceback" not in done.stderr
+    assert main is not None
+
+
+async def test_deltas_of_a_deleted_firmware_go_with_it(server: Server) -> None:
+    old, new = await line(server)
+    made = await server.store.get_delta(old["id"], new["id"])
+    assert made is not None
+    path = server.services.deltas.path_of(made)
+    assert path.exists()
+    await server.call("DELETE", f"/firmware/{old['id']}", 204)
+    assert await server.store.get_delta(old["id"], new["id"]) is None
+    assert not path.exists()
+    assert (await server.call("GET", f"/firmware/{new['id']}/deltas", 200))["items"] == []
