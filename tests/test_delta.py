@@ -18,6 +18,7 @@ from otabox.device import Device, Offer
 from otabox.models import DeltaStatus
 from tests.conftest import Device as ScriptedDevice
 from tests.conftest import Server, wait_for
+from tests.test_console import Console, ui  # noqa: F401  (the signed-in console fixture)
 
 
 def _release(old: bytes) -> bytes:
@@ -252,3 +253,15 @@ async def test_deltas_of_a_deleted_firmware_go_with_it(server: Server) -> None:
     assert await server.store.get_delta(old["id"], new["id"]) is None
     assert not path.exists()
     assert (await server.call("GET", f"/firmware/{new['id']}/deltas", 200))["items"] == []
+
+
+async def test_the_console_shows_the_deltas_of_a_firmware(server: Server, ui: Console) -> None:  # noqa: F811
+    old, new = await line(server)
+    made = await server.store.get_delta(old["id"], new["id"])
+    assert made is not None
+    page = await ui.get(f"/ui/firmware/{new['id']}")
+    table = page.partition('id="fw-deltas"')[2].partition("</table>")[0]
+    assert "<td>1.0</td><td>ready" in table
+    saving = round(100 - 100 * made.size / len(NEW))
+    assert f"{saving} %" in table
+    assert "None: a delta is made" in await ui.get(f"/ui/firmware/{old['id']}")

@@ -103,6 +103,7 @@ async def firmware_detail(request: web.Request, *, error: str = "") -> web.Respo
         "jobs": [present.job(j, {}, 0) for j in jobs if j.firmware_id == fw["id"]][:20],
         "max_verify": MAX_VERIFY_DEVICES,
         "error": error,
+        "deltas": [present.delta(d) for d in await app.store.deltas_of(fw["id"]) if d.to_id == fw["id"]],
     }
     return render(request, "firmware_detail.html", ctx)
 
