@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from otabox import __version__, protocol
+from otabox import __version__, delta, protocol
 from tests.conftest import TOKEN, Device, Server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,17 @@ async def test_binary_serves_a_device_end_to_end(
             secret = (await server.device("d1", "pk1"))["deviceSecret"]
             device = await Device(server, "pk1", "d1", secret).connect("1.0.0")  # an EnOS login over MQTT
             content = bytes(range(256)) * 400
+            before = content[:-300] + bytes(300)
+            await server.firmware("pk1", "1.0.0", before, name="main")
             fw = await server.firmware("pk1", "2.0.0", content, name="main")
+
+            # The delta 1.0.0 -> 2.0.0 is made by the binary's own `delta make` child process.
+            async def delta_made() -> Any:
+                items = (await server.call("GET", f"/firmware/{fw['id']}/deltas", 200))["items"]
+                return items[0] if items else None
+
+            made = await wait_for(delta_made, timeout=60)
+            assert made["status"] == "ready", made
 
             # A download URL minted for the device, fetched like a device does (no admin token).
             minted = await server.call("GET", f"/firmware/{fw['id']}/url?deviceKey=d1", 200)
@@ -222,6 +232,12 @@ async def test_binary_serves_a_device_end_to_end(
             assert push["version"] == "2.0.0" and push["sign"] == hashlib.sha256(content).hexdigest()
             async with aiohttp.ClientSession() as plain, plain.get(push["fileUrl"]) as resp:
                 assert resp.status == 200 and await resp.read() == content
+            async with aiohttp.ClientSession() as plain, plain.get(push["delta"]["fileUrl"]) as resp:
+                assert resp.status == 200
+                (site / "patch").write_bytes(await resp.read())
+            (site / "before").write_bytes(before)
+            delta.apply(site / "before", site / "patch", site / "rebuilt", push["delta"]["algorithm"])
+            assert (site / "rebuilt").read_bytes() == content
             assert (await device.call(protocol.PROGRESS, {"step": "100", "desc": "flashed"}))["code"] == 200
             assert (await device.call(protocol.INFORM, {"version": "2.0.0"}))["code"] == 200
 
