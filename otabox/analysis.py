@@ -365,7 +365,9 @@ def job_summary(events: pd.DataFrame) -> pd.DataFrame:
 
     Columns: jobId, jobType, firmwareId, toVersion, fromVersions, tasks, succeeded, failed,
     timeout, rolledBack, canceled, active, success_rate (succeeded / tasks), attempts (all attempts
-    started), median_publish_to_done_s and p90_publish_to_done_s (succeeded attempts only).
+    started), median_publish_to_done_s and p90_publish_to_done_s (succeeded attempts only),
+    bytes_downloaded (firmware bytes served to the job's devices, full images and deltas: the
+    highest count logged per task, summed) and bytes_per_task.
     """
     events = task_events(events)
     first = _ordered(events).groupby("jobId", sort=False, observed=True)
@@ -379,4 +381,8 @@ def job_summary(events: pd.DataFrame) -> pd.DataFrame:
     done = durations[durations["status"] == "succeeded"].groupby("jobId", observed=True)
     result["median_publish_to_done_s"] = done["publish_to_done_s"].median()
     result["p90_publish_to_done_s"] = done["publish_to_done_s"].quantile(0.9)
+    # A task's count only grows (Range resumes, a delta then the full image): its highest is its total.
+    per_task = events.groupby(TASK_KEY, observed=True)["bytesDownloaded"].max()
+    result["bytes_downloaded"] = per_task.groupby(level="jobId", observed=True).sum().astype("Int64")
+    result["bytes_per_task"] = result["bytes_downloaded"] / result["tasks"]
     return result.rename_axis("jobId").reset_index()

@@ -296,6 +296,8 @@ def test_job_summary() -> None:
     assert summary["median_publish_to_done_s"].tolist() == [3.0, 2.0]
     assert summary.loc["J2", "fromVersions"] == "1.0.0, 2.0.0"
     assert summary.loc["J2", "toVersion"] == "2.1.0"
+    assert summary["bytes_downloaded"].tolist() == [512, 0]  # only J1's device a logged bytes
+    assert summary.loc["J1", "bytes_per_task"] == 512 / 5
 
 
 def test_functions_do_not_modify_their_input() -> None:
