@@ -169,13 +169,15 @@ async def test_defect_b_retained_messages_do_not_cross_devices(server: Server) -
                     assert not str(msg.topic).startswith("/sys/pk1/a/"), msg.payload
                     if str(msg.topic).endswith("inform_reply"):
                         break
-        # a itself does get its own retained message on re-subscribe.
+        # Nor does a itself on re-subscribe: nothing is retained at all (devices have no use for it).
         await ca.subscribe("/sys/pk1/a/state", qos=1)
+        await ca.publish("/sys/pk1/a/ota/device/inform", json.dumps({"id": "2", "params": {"version": "1"}}), qos=1)
         async with asyncio.timeout(10):
             async for msg in ca.messages:
-                if str(msg.topic) == "/sys/pk1/a/state":
-                    assert msg.payload == b"secret-of-a"
+                assert str(msg.topic) != "/sys/pk1/a/state", msg.payload
+                if str(msg.topic).endswith("inform_reply"):
                     break
+        assert server.app.broker is not None and not server.app.broker.retained_messages
 
 
 async def test_defect_c_clean_then_persistent_session_is_persistent(server: Server) -> None:

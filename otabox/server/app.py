@@ -118,7 +118,7 @@ class App:
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
         gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox, s.last_seen_interval)
-        self.broker = OtaBroker(gateway, outbox, s.host, s.mqtt_port, s.connect_timeout)
+        self.broker = OtaBroker(gateway, outbox, s.host, s.mqtt_port, s.connect_timeout, s.mqtt_max_packet_bytes)
         await self.broker.start()
 
         status = Status(self.version, http_port, self.broker.port)

@@ -47,6 +47,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # A CONNECT must arrive this soon after the TCP accept; amqtt waits forever.
     # Short enough that idle sockets cannot pile up, long enough for slow links.
+    Setting(
+        "mqtt_max_packet_bytes",
+        int,
+        1024**2,
+        "Largest MQTT packet accepted (bytes); a client announcing a larger one is disconnected.",
+    ),
     Setting("connect_timeout", float, 10.0, "Seconds a new MQTT connection has to send CONNECT."),
     Setting("login_fail_limit", int, 10, "Failed MQTT logins per device key or address before a lockout."),
     Setting("login_fail_window", float, 60.0, "Seconds over which failed logins are counted (and locked out)."),
@@ -82,6 +88,7 @@ class Settings:
     signing_key: str = ""
     max_upload_bytes: int = 1024**3
     download_token_ttl: float = 7 * 24 * 3600.0
+    mqtt_max_packet_bytes: int = 1024**2
     connect_timeout: float = 10.0
     login_fail_limit: int = 10
     login_fail_window: float = 60.0
@@ -160,6 +167,8 @@ def load(
             raise SettingsError(f"{port} must be between 0 and 65535")
     if values["max_upload_bytes"] <= 0:
         raise SettingsError("max_upload_bytes must be positive")
+    if values["mqtt_max_packet_bytes"] < 1024:
+        raise SettingsError("mqtt_max_packet_bytes must be at least 1024")
     return Settings(**values)
 
 

@@ -7,10 +7,10 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
   over (stock touched the live session first, so a wrong password could wipe it, defect a);
   a CONNECT must arrive within `connect_timeout` (stock waited forever, defect d); a
   previous clean session is never resumed by a clean_session=0 reconnect (stock kept the
-  old clean flag, defect c); retained messages are sent for the connecting session's own
-  subscriptions only (stock matched every client's filters, defect b, and O(filters) per
-  connect); the client id is replaced by the canonical `{pk}/{dk}` so one device has one
-  session whatever timestamp its client id carries.
+  old clean flag, defect c); the CONNECT is read whole within `max_packet` bytes, and one
+  of another protocol level (MQTT 5) gets CONNACK 1 "unacceptable protocol version" at once
+  (stock failed to parse it and left the client waiting); the client id is replaced by the
+  canonical `{pk}/{dk}` so one device has one session whatever timestamp its client id carries.
 - `_message_loop` (replacing `_client_message_loop` and `_handle_message_delivery`): a
   PUBLISH to a `$`, wildcard or foreign topic is dropped and logged and the client is
   served on (stock stopped serving the client but left its session "connected", defect e);
@@ -24,6 +24,11 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
 - The message loop no longer logs `repr(self._subscriptions)` on every SUBSCRIBE.
 - Keep-alive: a client silent for 1.5 x its keep-alive is disconnected (stock's broker
   handler ignored read timeouts, so half-open connections stayed "online" forever).
+- Retained messages are not kept (stock kept every one in memory, without bound, even after
+  the device left); a PUBLISH with the retain flag is handled as a plain one.
+- Packets over `max_packet` bytes are refused from their fixed header, before a byte of the
+  body is read (stock read any size); a malformed packet closes the connection with one INFO
+  line (stock logged a traceback per packet), and so does a SUBSCRIBE without a filter.
 - Will messages of devices are not published (devices may only use their own topics and
   nobody else subscribes to them); stock broadcast them.
 
@@ -134,7 +139,9 @@ def _done(task: asyncio.Task[Any]) -> None:
 class OtaBroker(Broker):
     """amqtt Broker bound to otabox's device registry through `DeviceHooks`."""
 
-    def __init__(self, hooks: DeviceHooks, outbox: Outbox, host: str, port: int, connect_timeout: float) -> None:
+    def __init__(
+        self, hooks: DeviceHooks, outbox: Outbox, host: str, port: int, connect_timeout: float, max_packet: int
+    ) -> None:
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
             # An empty dict (not None) means "load no plugins" (None would load entry points).
@@ -144,6 +151,7 @@ class OtaBroker(Broker):
         self.hooks = hooks
         self.outbox = outbox
         self.connect_timeout = connect_timeout
+        self.max_packet = max_packet
         self._identity: dict[str, tuple[str, str]] = {}  # session key -> (pk, dk)
         self._session_filters: dict[str, dict[str, int]] = {}  # session key -> {filter: qos}
         self._served: dict[str, asyncio.Future[None]] = {}  # session key -> end of its connection
@@ -195,7 +203,7 @@ class OtaBroker(Broker):
         address = peer[0] if peer else "?"
         try:
             async with asyncio.timeout(self.connect_timeout):
-                connected = await Handler.read_connect(reader, writer, self.plugins_manager)
+                connected = await Handler.read_connect(reader, writer, self.plugins_manager, self.max_packet)
         except TimeoutError:
             log.warning("no CONNECT from %s within %.1fs; closing", address, self.connect_timeout)
             await writer.close()
@@ -320,8 +328,9 @@ class OtaBroker(Broker):
             log.warning("dropped PUBLISH from %s/%s to forbidden topic %r", pk, dk, topic)
             return
         data = bytes(message.data or b"")
-        if message.publish_packet is not None and message.publish_packet.retain_flag:
-            await self.retain_message(session, topic, data, message.qos)
+        # Retained messages are not kept: the device protocol has no use for them, and kept
+        # they would be memory any device could fill without bound. The message itself is
+        # handled as if the flag were not set.
         suffix = topic[len(protocol.device_prefix(pk, dk)) :]
         if suffix in protocol.DEVICE_TOPICS:
             await self._call_hook(self.hooks.device_message(pk, dk, suffix, data))

@@ -16,8 +16,8 @@ import asyncio
 import logging
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.errors import MQTTError, NoDataError
+from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
@@ -50,6 +50,14 @@ from amqtt.session import Session
 log = logging.getLogger(__name__)
 
 MQTT_3_1_1 = 4
+
+
+def _protocol_level(body: bytes) -> int | None:
+    """The protocol level byte of a CONNECT's variable header (after the protocol name), or None."""
+    if len(body) < 2:
+        return None
+    end = 2 + int.from_bytes(body[:2], "big")
+    return body[end] if len(body) > end else None
 
 
 class _States:
@@ -94,17 +102,37 @@ class Closed:
 class Handler(BrokerProtocolHandler):
     """BrokerProtocolHandler with one reader task, inline dispatch and one inbox queue."""
 
-    def __init__(self, plugins_manager: PluginManager[Any], session: Session | None = None) -> None:
+    def __init__(self, plugins_manager: PluginManager[Any], max_packet: int, session: Session | None = None) -> None:
         super().__init__(plugins_manager, session)
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.max_packet = max_packet
         self._closed = False
 
     @classmethod
     async def read_connect(
-        cls, reader: ReaderAdapter, writer: WriterAdapter, plugins_manager: PluginManager[Any]
+        cls, reader: ReaderAdapter, writer: WriterAdapter, plugins_manager: PluginManager[Any], max_packet: int
     ) -> tuple[Handler, LightSession] | None:
-        """Read and check the CONNECT packet (replaces init_from_connect). None = refused and closed."""
-        connect = await ConnectPacket.from_stream(reader)
+        """Read and check the CONNECT packet (replaces init_from_connect). None = refused and closed.
+
+        Raises MQTTError for a first packet that is not a usable CONNECT.
+        """
+        header = await MQTTFixedHeader.from_stream(reader)
+        if header is None:
+            raise NoDataError("closed before CONNECT")
+        if header.packet_type != CONNECT:
+            raise MQTTError(f"first packet is of type {header.packet_type}, not CONNECT")
+        if header.remaining_length > max_packet:
+            raise MQTTError(f"{header.remaining_length}-byte CONNECT is over the limit of {max_packet}")
+        body = await reader.read(header.remaining_length)
+        if _protocol_level(body) not in (None, MQTT_3_1_1):
+            # MQTT 5 (or 3.1) lays the packet out differently: say so before parsing it as 3.1.1.
+            await ConnackPacket.build(0, UNACCEPTABLE_PROTOCOL_VERSION).to_stream(writer)
+            await writer.close()
+            return None
+        try:
+            connect = await ConnectPacket.from_stream(BufferReader(body), fixed_header=header)
+        except (NoDataError, ValueError, UnicodeDecodeError, IndexError) as exc:
+            raise MQTTError(f"malformed CONNECT: {exc!r}") from exc
         if connect.variable_header is None or connect.payload is None:
             raise MQTTError("CONNECT packet incomplete")
         if connect.proto_name != "MQTT" or connect.variable_header.reserved_flag:
@@ -112,9 +140,7 @@ class Handler(BrokerProtocolHandler):
         if connect.variable_header.will_flag and (connect.payload.will_topic is None or connect.will_message is None):
             raise MQTTError("will flag set without will topic/message")
         code = 0
-        if connect.proto_level != MQTT_3_1_1:
-            code = UNACCEPTABLE_PROTOCOL_VERSION
-        elif (connect.password_flag and not connect.username_flag) or (
+        if (connect.password_flag and not connect.username_flag) or (
             connect.username_flag and connect.username is None
         ):
             code = BAD_USERNAME_PASSWORD
@@ -138,7 +164,7 @@ class Handler(BrokerProtocolHandler):
         peer = writer.get_peer_info()
         if peer is not None:
             session.remote_address, session.remote_port = peer
-        return cls(plugins_manager), session
+        return cls(plugins_manager, max_packet), session
 
     def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         super().attach(session, reader, writer)
@@ -151,9 +177,13 @@ class Handler(BrokerProtocolHandler):
     async def _reader_loop(self) -> None:
         # Replaces ProtocolHandler._reader_loop: no task per packet, no wait_for per read;
         # a client silent for the session's keep-alive (already 1.5 x) is disconnected.
+        # Each packet is read whole (its announced length, within max_packet) before it is
+        # decoded, so a packet that lies about its contents can never make the decoder read
+        # into the next one or wait for bytes that will not come.
         assert self._reader_ready is not None and self.reader is not None and self.session is not None
         self._reader_ready.set()
         timeout = self.session.keep_alive or None
+        who = self.session.client_id
         try:
             while True:
                 try:
@@ -161,28 +191,54 @@ class Handler(BrokerProtocolHandler):
                         header = await MQTTFixedHeader.from_stream(self.reader)
                         if header is None:
                             break  # EOF
-                        if header.packet_type in (RESERVED_0, RESERVED_15, CONNECT):
-                            log.warning("%s sent packet type %d; closing", self.session.client_id, header.packet_type)
+                        problem = self.refusal(header)
+                        if problem:
+                            log.info("%s: %s; closing", who, problem)
                             break
-                        packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
-                except MQTTError as exc:
-                    # The bad packet was read whole (see broker._read_publish_header): go on.
-                    log.info("%s: packet discarded: %s", self.session.client_id, exc)
-                    continue
+                        body = await self.reader.read(header.remaining_length)
                 except TimeoutError:
-                    log.info("keep-alive expired for %s; closing", self.session.client_id)
+                    log.info("keep-alive expired for %s; closing", who)
                     break
-                if await self._dispatch(header.packet_type, packet):
+                except MQTTError as exc:  # a bad fixed header: the stream cannot be followed any more
+                    log.info("%s sent a malformed packet header (%s); closing", who, exc)
+                    break
+                try:
+                    packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
+                except MQTTError as exc:
+                    # A well-framed packet we refuse (see broker._read_publish_header): go on.
+                    log.info("%s: packet discarded: %s", who, exc)
+                    continue
+                except Exception as exc:  # attacker bytes: any decoding failure is a malformed packet
+                    log.info("%s sent a malformed packet (type %d: %r); closing", who, header.packet_type, exc)
+                    break
+                if header.packet_type in (SUBSCRIBE, UNSUBSCRIBE) and not (packet.payload and packet.payload.topics):
+                    log.info("%s sent a SUBSCRIBE or UNSUBSCRIBE without a topic filter; closing", who)
+                    break  # [MQTT-3.8.3-3], [MQTT-3.10.3-2]
+                try:
+                    if await self._dispatch(header.packet_type, packet):
+                        break
+                except AMQTTError as exc:  # amqtt's protocol flow refused the packet
+                    log.info("%s: %s; closing", who, exc)
                     break
         except (NoDataError, ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.exception("reader of %s failed", self.session.client_id)
+            log.exception("reader of %s failed", who)
         finally:
             await self.handle_connection_closed()
             self._reader_stopped.set()
+
+    def refusal(self, header: MQTTFixedHeader) -> str:
+        """Why a packet must not even be read (its fixed header says enough), or ""."""
+        if header.packet_type in (RESERVED_0, RESERVED_15, CONNECT):
+            return f"sent packet type {header.packet_type}"
+        if header.remaining_length > self.max_packet:
+            return f"announced a {header.remaining_length}-byte packet, over the limit of {self.max_packet}"
+        if header.packet_type == PUBLISH and (header.flags >> 1) & 0x03 == 0x03:
+            return "sent a PUBLISH with QoS 3 [MQTT-3.3.1-4]"
+        return ""
 
     async def _dispatch(self, kind: int, packet: Any) -> bool:
         """Handle one packet inline; True when the connection is over."""
