@@ -1,40 +1,50 @@
-"""Binary deltas between firmware images: the patch format otabox makes and devices apply.
+"""Binary deltas between firmware images: the patch formats otabox makes and devices apply.
 
-The server makes `ALGORITHM` patches (`otabox delta make`, run as a child process so its time
-and memory are bounded); the device SDK applies any format named in `FORMATS`. The choice is by
-measurement: bench/RESULTS.md, "Delta algorithms". Names are those of the device protocol's
-`delta.algorithm` (docs/protocol.md). File I/O only; no network, no server.
+The server makes `ALGORITHM` patches unless told otherwise (`--delta-algorithm`), in a child
+process (`otabox delta make`) so its time and memory are bounded; the device SDK applies every
+format in `FORMATS`. Names are those of the device protocol's `delta.algorithm`
+(docs/protocol.md, section 8). The choice is by measurement (bench/RESULTS.md, "Delta
+algorithms"): detools-lzma makes the smallest patches of real executables (7-10 % below
+bsdiff4), needs ~7.5x the image to make one (bsdiff4 18x) and applies in a fixed 8 MiB
+streaming (bsdiff4's Python API holds old + new image). bsdiff4 (BSDIFF40) stays for devices
+that carry the classic `bspatch`. File I/O only; no network, no server.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-
-try:
-    import bsdiff4
-except ImportError:  # pragma: no cover - depends on the install
-    bsdiff4 = None  # type: ignore[assignment]
+from types import ModuleType
 
 __all__ = ["ALGORITHM", "FORMATS", "DeltaError", "apply", "make"]
 
-# bsdiff4 (BSDIFF40): the smallest patches on real executables by far, applied in one pass with
-# memory of about old + new image; making one costs ~15x the image in memory, so the server caps
-# the image size it makes deltas for.
-ALGORITHM = "bsdiff4"
-FORMATS = ("bsdiff4",)
+ALGORITHM = "detools-lzma"
+FORMATS = ("detools-lzma", "bsdiff4")
 
 
 class DeltaError(Exception):
     """A delta could not be made or applied (unknown format, corrupt patch, missing library)."""
 
 
+def _library(algorithm: str) -> ModuleType:
+    """The library of a format, imported on first use (they are not small; most commands need none)."""
+    if algorithm not in FORMATS:
+        raise DeltaError(f"unknown delta algorithm {algorithm!r} (known: {', '.join(FORMATS)})")
+    name = "bsdiff4" if algorithm == "bsdiff4" else "detools"
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise DeltaError(f"the {name} package, needed for {algorithm} deltas, is not installed") from exc
+
+
 def make(old: Path, new: Path, out: Path, algorithm: str = ALGORITHM) -> int:
     """Write the patch that rebuilds `new` from `old` to `out`; returns its size in bytes."""
-    if algorithm not in FORMATS:
-        raise DeltaError(f"unknown delta algorithm {algorithm!r}")
-    if bsdiff4 is None:
-        raise DeltaError("the bsdiff4 package is not installed")
-    bsdiff4.file_diff(str(old), str(new), str(out))
+    lib = _library(algorithm)
+    if algorithm == "bsdiff4":
+        lib.file_diff(str(old), str(new), str(out))
+    else:
+        with open(old, "rb") as f_old, open(new, "rb") as f_new, open(out, "wb") as f_patch:
+            lib.create_patch(f_old, f_new, f_patch, compression="lzma")
     return out.stat().st_size
 
 
@@ -44,12 +54,13 @@ def apply(old: Path, patch: Path, out: Path, algorithm: str) -> None:
     The caller checks the result against the full image's size and digest: a patch that
     applies cleanly can still be for another image.
     """
-    if algorithm not in FORMATS:
-        raise DeltaError(f"unknown delta algorithm {algorithm!r}")
-    if bsdiff4 is None:
-        raise DeltaError("the bsdiff4 package is not installed")
+    lib = _library(algorithm)
     try:
-        bsdiff4.file_patch(str(old), str(out), str(patch))
-    except Exception as exc:  # bsdiff4 raises ValueError/OSError/MemoryError on corrupt input
+        if algorithm == "bsdiff4":
+            lib.file_patch(str(old), str(out), str(patch))
+        else:
+            with open(old, "rb") as f_old, open(patch, "rb") as f_patch, open(out, "wb") as f_out:
+                lib.apply_patch(f_old, f_patch, f_out)
+    except Exception as exc:  # corrupt input raises whatever the decoder hits (ValueError, OSError, ...)
         out.unlink(missing_ok=True)
         raise DeltaError(f"{algorithm} patch does not apply: {exc}") from exc

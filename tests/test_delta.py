@@ -1,4 +1,4 @@
-"""Delta updates end to end: the server makes a bsdiff4 delta once per firmware pair, pushes carry it
+"""Delta updates end to end: the server makes a delta once per firmware pair, pushes carry it
 beside the full image, the device SDK rebuilds the exact image from it or falls back to the full one."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ async def test_a_push_carries_a_delta_that_rebuilds_the_exact_image(server: Serv
     # The full image's params are those of any push: a device that knows nothing of deltas is served.
     assert (params["version"], params["fileSize"], params["sign"]) == ("2.0", len(NEW), new["sign"])
     d = params["delta"]
-    assert (d["from"], d["algorithm"], d["fileSize"], d["signMethod"]) == ("1.0", "bsdiff4", made.size, "sha256")
+    assert (d["from"], d["algorithm"], d["fileSize"], d["signMethod"]) == ("1.0", delta.ALGORITHM, made.size, "sha256")
     async with aiohttp.ClientSession() as http, http.get(d["fileUrl"]) as resp:
         assert resp.status == 200
         patch = await resp.read()
@@ -168,16 +168,18 @@ async def test_a_device_whose_flash_differs_falls_back_too(server: Server, tmp_p
     assert task["status"] == "succeeded"
 
 
-def test_delta_cli_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", delta.FORMATS)
+def test_delta_cli_round_trip(tmp_path: Path, algorithm: str) -> None:
     from otabox.cli import main
 
     (tmp_path / "a").write_bytes(OLD)
     (tmp_path / "b").write_bytes(NEW)
-    assert main(["delta", "make", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "p")]) == 0
-    assert main(["delta", "apply", str(tmp_path / "a"), str(tmp_path / "p"), str(tmp_path / "c")]) == 0
+    pick = ["--algorithm", algorithm]
+    assert main(["delta", "make", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "p"), *pick]) == 0
+    assert main(["delta", "apply", str(tmp_path / "a"), str(tmp_path / "p"), str(tmp_path / "c"), *pick]) == 0
     assert (tmp_path / "c").read_bytes() == NEW
-    (tmp_path / "p").write_bytes(b"BSDIFF40 not really")
-    assert main(["delta", "apply", str(tmp_path / "a"), str(tmp_path / "p"), str(tmp_path / "d")]) == 1
+    (tmp_path / "p").write_bytes(b"not a patch at all" * 10)
+    assert main(["delta", "apply", str(tmp_path / "a"), str(tmp_path / "p"), str(tmp_path / "d"), *pick]) == 1
     assert not (tmp_path / "d").exists()
 
 
@@ -232,8 +234,9 @@ def test_the_maker_is_bounded_in_memory(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(big)
     (tmp_path / "b").write_bytes(big[::-1])
     out = tmp_path / "p"
-    # bsdiff needs ~15x the image: 16 MiB images cannot be diffed in a 200 MB address space.
-    argv = ["delta", "make", str(tmp_path / "a"), str(tmp_path / "b"), str(out), "--max-memory", str(200 << 20)]
+    # bsdiff4 needs 18x the image: 16 MiB images cannot be diffed in a 200 MB address space.
+    argv = ["delta", "make", str(tmp_path / "a"), str(tmp_path / "b"), str(out), "--algorithm", "bsdiff4"]
+    argv += ["--max-memory", str(200 << 20)]
     import subprocess
     import sys
 
@@ -265,3 +268,20 @@ async def test_the_console_shows_the_deltas_of_a_firmware(server: Server, ui: Co
     saving = round(100 - 100 * made.size / len(NEW))
     assert f"{saving} %" in table
     assert "None: a delta is made" in await ui.get(f"/ui/firmware/{old['id']}")
+
+
+async def test_a_server_making_bsdiff4_deltas_serves_sdk_devices_too(tmp_path: Path) -> None:
+    from tests.conftest import TOKEN, start_server, stop_within
+
+    app = await start_server(tmp_path, scheduler_interval=0.1, delta_algorithm="bsdiff4")
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            server = Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
+            old, new = await line(server)
+            made = await server.store.get_delta(old["id"], new["id"])
+            assert made is not None and made.algorithm == "bsdiff4" and made.status == DeltaStatus.READY
+            task, descs = await sdk_upgrade(server, tmp_path, new, OLD)
+            assert any("rebuilt from a delta" in d for d in descs), descs
+            assert task["bytesDownloaded"] == made.size
+    finally:
+        await stop_within(app)

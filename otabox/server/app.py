@@ -113,7 +113,7 @@ class App:
         urls = FileUrls(keys, s.public_url or _default_public_url(s.host, http_port), s.download_token_ttl)
 
         outbox = Outbox()
-        deltas = self.deltas = DeltaService(store, artifacts, s.delta_max_bytes, s.delta_timeout)
+        deltas = self.deltas = DeltaService(store, artifacts, s.delta_max_bytes, s.delta_timeout, s.delta_algorithm)
         engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval, deltas)
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)

@@ -30,24 +30,28 @@ log = logging.getLogger(__name__)
 PREPARE_ON_UPLOAD = 3
 # A delta must save at least this share of the full image to be worth a second download path.
 MIN_SAVING = 0.1
-# bsdiff needs ~15x the image in memory to make a patch; the child may use this much address space.
+# Making a patch takes up to 18x the image (bsdiff4; detools-lzma 7.5x, bench/RESULTS.md); the
+# child may use this much address space.
 MEMORY_PER_IMAGE_BYTE = 24
 MEMORY_BASE = 1024**3
 
 
-def make_command(old: Path, new: Path, out: Path, max_memory: int) -> list[str]:
+def make_command(old: Path, new: Path, out: Path, algorithm: str, max_memory: int) -> list[str]:
     """`otabox delta make` as a child process, from a source install or the one-file binary."""
     head = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "otabox"]
-    args = [str(old), str(new), str(out), "--algorithm", delta.ALGORITHM, "--max-memory", str(max_memory), "--json"]
+    args = [str(old), str(new), str(out), "--algorithm", algorithm, "--max-memory", str(max_memory), "--json"]
     return [*head, "delta", "make", *args]
 
 
 class DeltaService:
     """Finds, makes and hands out deltas. `for_device` is the hot path: a dict lookup once known."""
 
-    def __init__(self, store: Store, artifacts: Artifacts, max_bytes: int, timeout: float) -> None:
+    def __init__(
+        self, store: Store, artifacts: Artifacts, max_bytes: int, timeout: float, algorithm: str = delta.ALGORITHM
+    ) -> None:
         self.store = store
         self.artifacts = artifacts
+        self.algorithm = algorithm
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._known: dict[tuple[str, str], Delta | None] = {}  # (from, to) -> delta; None: being made
@@ -131,9 +135,7 @@ class DeltaService:
                 raise
             except Exception as exc:  # anything the child or the disk did: record it, push full images
                 log.warning("delta %s %s -> %s not made: %s", fw.name, source.version, fw.version, exc)
-                made = Delta(
-                    source_id, fw.id, source.version, delta.ALGORITHM, DeltaStatus.FAILED, error=str(exc)[:500]
-                )
+                made = Delta(source_id, fw.id, source.version, self.algorithm, DeltaStatus.FAILED, error=str(exc)[:500])
             made = dataclasses.replace(made, seconds=round(time.monotonic() - started, 3), created_at=time.time())
             await self.store.put_delta(made)
             self._known[(source_id, fw.id)] = made
@@ -151,7 +153,13 @@ class DeltaService:
         limit = MEMORY_BASE + MEMORY_PER_IMAGE_BYTE * largest
         try:
             proc = await asyncio.create_subprocess_exec(
-                *make_command(self.artifacts.path_for(source.sha256), self.artifacts.path_for(fw.sha256), out, limit),
+                *make_command(
+                    self.artifacts.path_for(source.sha256),
+                    self.artifacts.path_for(fw.sha256),
+                    out,
+                    self.algorithm,
+                    limit,
+                ),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
@@ -171,7 +179,7 @@ class DeltaService:
             md5, sha = await asyncio.to_thread(_digests, out)
             self.artifacts.adopt(out, sha, size, md5)
             ready = DeltaStatus.READY
-            return Delta(source.id, fw.id, source.version, delta.ALGORITHM, ready, size=size, md5=md5, sha256=sha)
+            return Delta(source.id, fw.id, source.version, self.algorithm, ready, size=size, md5=md5, sha256=sha)
         except TimeoutError as exc:
             raise RuntimeError(f"not made within delta_timeout ({self.timeout:g} s)") from exc
         finally:

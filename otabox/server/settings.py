@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from otabox import delta
+
 ENV_PREFIX = "OTABOX_"
 
 
@@ -68,6 +70,12 @@ SETTINGS: tuple[Setting, ...] = (
         64 * 1024**2,
         "Largest firmware image otabox makes binary deltas for (bytes); 0 = no deltas.",
     ),
+    Setting(
+        "delta_algorithm",
+        str,
+        delta.ALGORITHM,
+        "Patch format of the deltas otabox makes: detools-lzma or bsdiff4 (for devices with bspatch).",
+    ),
     Setting("delta_timeout", float, 300.0, "Seconds making one delta may take before it is given up."),
     Setting("backup_every", float, 0.0, "Seconds between scheduled backups into backup_dir; 0 = none."),
     Setting("backup_keep", int, 7, "Scheduled backups kept (the oldest are deleted)."),
@@ -95,6 +103,7 @@ class Settings:
     scheduler_interval: float = 1.0
     last_seen_interval: float = 30.0
     delta_max_bytes: int = 64 * 1024**2
+    delta_algorithm: str = delta.ALGORITHM
     delta_timeout: float = 300.0
     backup_every: float = 0.0
     backup_keep: int = 7
@@ -167,6 +176,8 @@ def load(
             raise SettingsError(f"{port} must be between 0 and 65535")
     if values["max_upload_bytes"] <= 0:
         raise SettingsError("max_upload_bytes must be positive")
+    if values["delta_algorithm"] not in delta.FORMATS:
+        raise SettingsError(f"delta_algorithm must be one of {', '.join(delta.FORMATS)}")
     if values["mqtt_max_packet_bytes"] < 1024:
         raise SettingsError("mqtt_max_packet_bytes must be at least 1024")
     return Settings(**values)
