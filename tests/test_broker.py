@@ -272,3 +272,37 @@ async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(ser
 async def _online_d1(server: Server) -> bool:
     online: bool = (await server.call("GET", "/products/pk1/devices/d1", 200))["online"]
     return online
+
+
+async def _raw_login(server: Server, dk: str, secret: str, source: str) -> int:
+    """Log in over a raw connection from `source` (a loopback address); the CONNACK return code."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port, local_addr=(source, 0))
+    creds = credentials("pk1", dk, secret)
+    writer.write(_connect(creds["identifier"], creds["username"], creds["password"]))
+    try:
+        async with asyncio.timeout(10):
+            return (await reader.readexactly(4))[3]
+    finally:
+        writer.close()
+
+
+async def test_a_lockout_cannot_keep_a_device_off_from_another_address(server: Server) -> None:
+    dev = await server.device("d1")
+    for _ in range(3):  # login_fail_limit is 3 in this module
+        assert await _raw_login(server, "d1", "wrong-secret", "127.0.0.2") == 4
+    assert await _raw_login(server, "d1", dev["deviceSecret"], "127.0.0.2") == 5  # that address is locked out
+    # The device itself, from its own address, is not: knowing its key is no weapon.
+    assert await _raw_login(server, "d1", dev["deviceSecret"], "127.0.0.3") == 0
+
+
+async def test_guesses_from_many_addresses_are_slowed_not_locked_out(server: Server) -> None:
+    dev = await server.device("d1")
+    for i in range(6):  # over the limit for the device, spread so no address is locked out
+        assert await _raw_login(server, "d1", "wrong-secret", f"127.0.1.{i + 1}") == 4
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await _raw_login(server, "d1", "wrong-secret", "127.0.1.9") == 4
+    # 4 failures over the limit, 0.1 s each: the wrong answer came late (a lower bound: load
+    # can only make it later).
+    assert loop.time() - started >= 0.4
+    assert await _raw_login(server, "d1", dev["deviceSecret"], "127.0.1.10") == 0  # the device gets in

@@ -56,7 +56,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest MQTT packet accepted (bytes); a client announcing a larger one is disconnected.",
     ),
     Setting("connect_timeout", float, 10.0, "Seconds a new MQTT connection has to send CONNECT."),
-    Setting("login_fail_limit", int, 10, "Failed MQTT logins per device key or address before a lockout."),
+    Setting(
+        "login_fail_limit",
+        int,
+        10,
+        "Failed MQTT logins of a device from one address before that address is locked out for it "
+        "(an address in all: 10x).",
+    ),
     Setting("login_fail_window", float, 60.0, "Seconds over which failed logins are counted (and locked out)."),
     # The job engine's tick trades push latency against idle CPU: each tick runs a few
     # indexed queries, never a scan of the fleet.

@@ -7,7 +7,7 @@ from collections import deque
 
 
 class LoginLimiter:
-    """Counts failed logins per device key and per address in a sliding window."""
+    """Counts failed logins per key (a device from an address, an address, ...) in a sliding window."""
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
@@ -24,9 +24,14 @@ class LoginLimiter:
             del self._failures[key]
         return q
 
-    def locked(self, *keys: str) -> bool:
+    def locked(self, *keys: str, limit: int | None = None) -> bool:
+        """True when any key has `limit` (default: the limiter's) failures in the window."""
         now = time.monotonic()
-        return any(len(self._recent(k, now)) >= self.limit for k in keys)
+        threshold = self.limit if limit is None else limit
+        return any(len(self._recent(k, now)) >= threshold for k in keys)
+
+    def count(self, key: str) -> int:
+        return len(self._recent(key, time.monotonic()))
 
     def fail(self, *keys: str) -> None:
         now = time.monotonic()

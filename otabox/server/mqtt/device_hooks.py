@@ -7,6 +7,7 @@ through the outbox.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Protocol
@@ -18,6 +19,13 @@ from otabox.server.store import Store
 from otabox.server.throttle import LoginLimiter
 
 log = logging.getLogger(__name__)
+
+# An address may fail this many times the per-(device, address) limit before it is locked out.
+ADDRESS_FACTOR = 10
+# Delay of a wrong login for a device with more recent failures than the limit: a step per
+# failure over it, at most MAX_TARPIT seconds.
+TARPIT_STEP = 0.1
+MAX_TARPIT = 2.0
 
 
 class Sender(Protocol):
@@ -73,8 +81,11 @@ class DeviceGateway:
             self.limiter.fail("addr:" + address)
             return REFUSED_BAD_CREDENTIALS
         who = f"{login.product_key}/{login.device_key}"
-        dev_key, addr_key = "dev:" + who, "addr:" + address
-        if self.limiter.locked(dev_key, addr_key):
+        # Lockouts are per (device, address) and per address, never per device alone: whoever
+        # knows a device key could otherwise keep that device offline from anywhere. An address
+        # is allowed more (devices behind one NAT share it).
+        dev_key, pair_key, addr_key = "dev:" + who, f"pair:{who}@{address}", "addr:" + address
+        if self.limiter.locked(pair_key) or self.limiter.locked(addr_key, limit=self.limiter.limit * ADDRESS_FACTOR):
             log.warning("login refused for %s from %s: too many failed logins, locked out", who, address)
             return REFUSED_NOT_AUTHORIZED
         creds = await self._credentials(login.product_key, login.device_key)
@@ -89,9 +100,14 @@ class DeviceGateway:
                 reason = str(exc)
         if not ok:
             log.warning("login refused for %s from %s: %s", who, address, reason)
-            self.limiter.fail(dev_key, addr_key)
+            self.limiter.fail(dev_key, pair_key, addr_key)
+            # Guesses spread over many addresses are slowed, not locked out: each wrong answer
+            # for a device under attack comes later, the right one at once.
+            over = self.limiter.count(dev_key) - self.limiter.limit
+            if over > 0:
+                await asyncio.sleep(min(MAX_TARPIT, TARPIT_STEP * over))
             return REFUSED_BAD_CREDENTIALS
-        self.limiter.clear(dev_key)
+        self.limiter.clear(pair_key)
         return LoginResult(login.product_key, login.device_key)
 
     async def _credentials(self, pk: str, dk: str) -> tuple[str, str] | None:
