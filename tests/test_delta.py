@@ -4,9 +4,11 @@ beside the full image, the device SDK rebuilds the exact image from it or falls 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,8 @@ import pytest
 from otabox import delta
 from otabox.device import Device, Offer
 from otabox.models import DeltaStatus
+from tests.conftest import TOKEN, Server, start_server, stop_within, wait_for
 from tests.conftest import Device as ScriptedDevice
-from tests.conftest import Server, wait_for
 from tests.test_console import Console, ui  # noqa: F401  (the signed-in console fixture)
 
 
@@ -36,6 +38,17 @@ NEW = _release(OLD)
 @pytest.fixture
 def server_settings() -> dict[str, Any]:
     return {"scheduler_interval": 0.1}
+
+
+@contextlib.asynccontextmanager
+async def server_with(tmp_path: Path, **settings: Any) -> AsyncIterator[Server]:
+    """A server of its own with `settings` (the module's `server` fixture has the defaults)."""
+    app = await start_server(tmp_path, scheduler_interval=0.1, **settings)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            yield Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
+    finally:
+        await stop_within(app)
 
 
 async def line(server: Server) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -90,20 +103,13 @@ async def test_no_delta_when_off_unknown_source_or_same_version(server: Server) 
 
 
 async def test_an_image_over_the_limit_gets_no_delta_and_is_still_pushed(tmp_path: Path) -> None:
-    from tests.conftest import TOKEN, start_server, stop_within
-
-    app = await start_server(tmp_path, scheduler_interval=0.1, delta_max_bytes=100_000)
-    try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            server = Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
-            old, new = await line(server)
-            made = await server.store.get_delta(old["id"], new["id"])
-            assert made is not None and made.status == DeltaStatus.FAILED
-            assert "over delta_max_bytes" in made.error
-            params = await push_to(server, new, "d1", "1.0")
-            assert "delta" not in params and params["fileSize"] == len(NEW)
-    finally:
-        await stop_within(app)
+    async with server_with(tmp_path, delta_max_bytes=100_000) as server:
+        old, new = await line(server)
+        made = await server.store.get_delta(old["id"], new["id"])
+        assert made is not None and made.status == DeltaStatus.FAILED
+        assert "over delta_max_bytes" in made.error
+        params = await push_to(server, new, "d1", "1.0")
+        assert "delta" not in params and params["fileSize"] == len(NEW)
 
 
 async def sdk_upgrade(
@@ -211,20 +217,13 @@ async def test_the_simulator_takes_deltas_and_falls_back_for_broken_ones(server:
 
 
 async def test_a_delta_over_its_time_is_given_up_and_the_push_goes_out_whole(tmp_path: Path) -> None:
-    from tests.conftest import TOKEN, start_server, stop_within
-
-    app = await start_server(tmp_path, scheduler_interval=0.1, delta_timeout=0.01)
-    try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            server = Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
-            _old, new = await line(server)
-            shown = (await server.call("GET", f"/firmware/{new['id']}/deltas", 200))["items"]
-            assert [(d["status"], d["fromVersion"]) for d in shown] == [("failed", "1.0")]
-            assert "delta_timeout" in shown[0]["error"]
-            assert "delta" not in await push_to(server, new, "d1", "1.0")
-            assert not list((tmp_path / "data" / "firmware" / "tmp").iterdir())  # no half-made patch left
-    finally:
-        await stop_within(app)
+    async with server_with(tmp_path, delta_timeout=0.01) as server:
+        _old, new = await line(server)
+        shown = (await server.call("GET", f"/firmware/{new['id']}/deltas", 200))["items"]
+        assert [(d["status"], d["fromVersion"]) for d in shown] == [("failed", "1.0")]
+        assert "delta_timeout" in shown[0]["error"]
+        assert "delta" not in await push_to(server, new, "d1", "1.0")
+        assert not list((tmp_path / "data" / "firmware" / "tmp").iterdir())  # no half-made patch left
 
 
 def test_the_maker_is_bounded_in_memory(tmp_path: Path) -> None:
@@ -271,17 +270,10 @@ async def test_the_console_shows_the_deltas_of_a_firmware(server: Server, ui: Co
 
 
 async def test_a_server_making_bsdiff4_deltas_serves_sdk_devices_too(tmp_path: Path) -> None:
-    from tests.conftest import TOKEN, start_server, stop_within
-
-    app = await start_server(tmp_path, scheduler_interval=0.1, delta_algorithm="bsdiff4")
-    try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            server = Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
-            old, new = await line(server)
-            made = await server.store.get_delta(old["id"], new["id"])
-            assert made is not None and made.algorithm == "bsdiff4" and made.status == DeltaStatus.READY
-            task, descs = await sdk_upgrade(server, tmp_path, new, OLD)
-            assert any("rebuilt from a delta" in d for d in descs), descs
-            assert task["bytesDownloaded"] == made.size
-    finally:
-        await stop_within(app)
+    async with server_with(tmp_path, delta_algorithm="bsdiff4") as server:
+        old, new = await line(server)
+        made = await server.store.get_delta(old["id"], new["id"])
+        assert made is not None and made.algorithm == "bsdiff4" and made.status == DeltaStatus.READY
+        task, descs = await sdk_upgrade(server, tmp_path, new, OLD)
+        assert any("rebuilt from a delta" in d for d in descs), descs
+        assert task["bytesDownloaded"] == made.size

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
-
-from otabox.models import Delta, DeltaStatus, Firmware
+from otabox.models import Delta, Firmware
 from otabox.server.store import rows
 from otabox.server.store.base import StoreBase
-
-
-def delta(r: sqlite3.Row) -> Delta:
-    return Delta(
-        from_id=r["from_id"],
-        to_id=r["to_id"],
-        from_version=r["from_version"],
-        algorithm=r["algorithm"],
-        status=DeltaStatus(r["status"]),
-        size=r["size"],
-        md5=r["md5"],
-        sha256=r["sha256"],
-        seconds=r["seconds"],
-        error=r["error"],
-        created_at=r["created_at"],
-    )
 
 
 class DeltaSQL(StoreBase):
     async def get_delta(self, from_id: str, to_id: str) -> Delta | None:
         r = await self._one("SELECT * FROM deltas WHERE from_id = ? AND to_id = ?", (from_id, to_id))
-        return None if r is None else delta(r)
+        return None if r is None else rows.delta(r)
 
     async def put_delta(self, d: Delta) -> None:
         """Record a made (or failed) delta; a later one for the same pair replaces it."""
@@ -53,7 +35,7 @@ class DeltaSQL(StoreBase):
     async def deltas_of(self, firmware_id: str) -> list[Delta]:
         """Deltas from or to a firmware (to drop them with it)."""
         found = await self._all("SELECT * FROM deltas WHERE from_id = ? OR to_id = ?", (firmware_id, firmware_id))
-        return [delta(r) for r in found]
+        return [rows.delta(r) for r in found]
 
     async def delete_deltas_of(self, firmware_id: str) -> None:
         await self._write("DELETE FROM deltas WHERE from_id = ? OR to_id = ?", (firmware_id, firmware_id))

@@ -8,6 +8,8 @@ from functools import lru_cache
 
 from otabox import jobspec
 from otabox.models import (
+    Delta,
+    DeltaStatus,
     Device,
     Event,
     Firmware,
@@ -134,4 +136,20 @@ def event(r: sqlite3.Row) -> Event:
         wave=r["wave"],
         bytes_downloaded=r["bytes_downloaded"],
         actor=r["actor"],
+    )
+
+
+def delta(r: sqlite3.Row) -> Delta:
+    return Delta(
+        from_id=r["from_id"],
+        to_id=r["to_id"],
+        from_version=r["from_version"],
+        algorithm=r["algorithm"],
+        status=DeltaStatus(r["status"]),
+        size=r["size"],
+        md5=r["md5"],
+        sha256=r["sha256"],
+        seconds=r["seconds"],
+        error=r["error"],
+        created_at=r["created_at"],
     )
