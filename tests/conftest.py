@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
+import hypothesis
 import pytest
 
 from otabox import protocol
@@ -24,6 +26,12 @@ from otabox.server.settings import Settings
 from otabox.server.store import Store
 
 TOKEN = "test-admin-token"
+
+# Hypothesis (tests/test_fuzz.py): the suite runs the same examples every time, so a run is never
+# red by luck; HYPOTHESIS_PROFILE=explore draws new ones (and keeps failures in .hypothesis/).
+hypothesis.settings.register_profile("suite", derandomize=True, database=None)
+hypothesis.settings.register_profile("explore", derandomize=False)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @dataclass
