@@ -16,10 +16,13 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["ALGORITHM", "FORMATS", "DeltaError", "apply", "make"]
+__all__ = ["ALGORITHM", "FORMATS", "LIBRARIES", "DeltaError", "apply", "make"]
 
 ALGORITHM = "detools-lzma"
-FORMATS = ("detools-lzma", "bsdiff4")
+# Each format and the package that makes and applies it (imported on first use; the binary's
+# build reads this table to bundle them).
+LIBRARIES = {"detools-lzma": "detools", "bsdiff4": "bsdiff4"}
+FORMATS = tuple(LIBRARIES)
 
 
 class DeltaError(Exception):
@@ -30,7 +33,7 @@ def _library(algorithm: str) -> ModuleType:
     """The library of a format, imported on first use (they are not small; most commands need none)."""
     if algorithm not in FORMATS:
         raise DeltaError(f"unknown delta algorithm {algorithm!r} (known: {', '.join(FORMATS)})")
-    name = "bsdiff4" if algorithm == "bsdiff4" else "detools"
+    name = LIBRARIES[algorithm]
     try:
         return importlib.import_module(name)
     except ImportError as exc:  # pragma: no cover - depends on the install
