@@ -55,7 +55,7 @@ def routes() -> set[tuple[str, str]]:
 
 
 def documented_routes() -> set[tuple[str, str]]:
-    return {(m, p) for m, p in routes() if p.startswith(API_PREFIX + "/") or p == "/healthz"}
+    return {(m, p) for m, p in routes() if p.startswith(API_PREFIX + "/") or p in ("/healthz", "/metrics")}
 
 
 def endpoint_headings(text: str) -> list[tuple[str, str]]:

@@ -32,6 +32,7 @@ from otabox.server.jobs.engine import JobEngine
 from otabox.server.jobs.reports import DeviceReports
 from otabox.server.jobs.service import JobService
 from otabox.server.keys import FileUrls, Keys, Signer, hash_token, new_token, write_private
+from otabox.server.metrics import LoopLag, Metrics
 from otabox.server.mqtt.broker import OtaBroker
 from otabox.server.mqtt.device_hooks import DeviceGateway
 from otabox.server.mqtt.outbox import Outbox
@@ -65,6 +66,7 @@ class App:
         self.broker: OtaBroker | None = None
         self.engine: JobEngine | None = None
         self.deltas: DeltaService | None = None
+        self._lag: LoopLag | None = None
         self.gateway: DeviceGateway | None = None
         self._runner: web.AppRunner | None = None
         self._http_sock: socket.socket | None = None
@@ -122,6 +124,8 @@ class App:
         await self.broker.start()
 
         status = Status(self.version, http_port, self.broker.port)
+        lag = self._lag = LoopLag()
+        lag.start()
         firmware = FirmwareService(store, artifacts, signer, s.max_upload_bytes, deltas)
         services = self.services = Services(
             settings=s,
@@ -138,6 +142,7 @@ class App:
             jobs=JobService(store, engine),
             engine=engine,
             deltas=deltas,
+            metrics=Metrics(store, outbox, self.broker, lag),
             admin_token_hash=admin_hash,
         )
         self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -202,6 +207,8 @@ class App:
             await self.engine.stop()
         if self.deltas is not None:
             await self.deltas.stop()
+        if self._lag is not None:
+            await self._lag.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._http_sock is not None:

@@ -16,6 +16,7 @@ from otabox.server.firmware import FirmwareService
 from otabox.server.jobs.engine import JobEngine
 from otabox.server.jobs.service import JobService
 from otabox.server.keys import FileUrls, Keys, Signer
+from otabox.server.metrics import Metrics
 from otabox.server.mqtt.outbox import Outbox
 from otabox.server.registry import Registry
 from otabox.server.settings import Settings
@@ -48,4 +49,5 @@ class Services:
     jobs: JobService
     engine: JobEngine
     deltas: DeltaService
+    metrics: Metrics
     admin_token_hash: str

@@ -86,6 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backup_every", float, 0.0, "Seconds between scheduled backups into backup_dir; 0 = none."),
     Setting("backup_keep", int, 7, "Scheduled backups kept (the oldest are deleted)."),
     Setting("backup_dir", str, "", "Folder of scheduled backups; default <data-dir>/backups."),
+    Setting("metrics_public", bool, False, "Serve /metrics without a token (for a Prometheus on a trusted network)."),
     Setting("log_level", str, "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -114,6 +115,7 @@ class Settings:
     backup_every: float = 0.0
     backup_keep: int = 7
     backup_dir: str = ""
+    metrics_public: bool = False
     log_level: str = "INFO"
 
     @property
@@ -130,8 +132,16 @@ class SettingsError(ValueError):
     """A setting has an unusable value (the message names it)."""
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _convert(setting: Setting, raw: Any, origin: str) -> Any:
     try:
+        if setting.type is bool and not isinstance(raw, bool):
+            text = str(raw).strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError(text)
+            return text in _TRUE
         if setting.type is int and isinstance(raw, str):
             return int(raw, 0)
         return setting.type(raw)
@@ -144,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file with settings (keys as in the settings table).")
     for s in SETTINGS:
         flag = "--" + s.name.replace("_", "-")
-        parser.add_argument(flag, dest=s.name, default=None, help=f"{s.help} [default: {s.default}]")
+        # A yes/no setting is a plain flag (`--metrics-public`), or takes true/false.
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if s.type is bool else {}
+        parser.add_argument(flag, dest=s.name, default=None, help=f"{s.help} [default: {s.default}]", **switch)
 
 
 def load(

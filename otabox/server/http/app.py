@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from otabox.server.http import api_backup, api_bundles, api_firmware, api_jobs, api_registry, console, downloads
-from otabox.server.http.plumbing import SERVICES, auth_middleware, error_middleware, services
+from otabox.server.http.plumbing import SERVICES, auth_middleware, check_token, error_middleware, services
+from otabox.server.metrics import CONTENT_TYPE
 from otabox.server.services import Services
 
 
@@ -24,10 +25,19 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; needs the token unless the operator made it public (--metrics-public)."""
+    svc = services(request)
+    if not svc.settings.metrics_public:
+        check_token(request)
+    return web.Response(body=await svc.metrics.scrape(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def build_app(svc: Services) -> web.Application:
     web_app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     web_app[SERVICES] = svc
     web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/metrics", metrics)
     web_app.router.add_get("/firmware/{id}/{file}", downloads.download)
     web_app.router.add_get("/firmware/{id}/delta/{from}", downloads.download_delta)
     api_registry.add_routes(web_app)

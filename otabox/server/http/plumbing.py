@@ -135,15 +135,19 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(OtaboxError("internal server error"))
 
 
+def check_token(request: web.Request) -> None:
+    """The request's bearer token must be the admin token. Raises Unauthorized."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    if not hmac.compare_digest(hash_token(token.strip()), request.app[SERVICES].admin_token_hash):
+        raise Unauthorized("invalid token")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path.startswith(API_PREFIX + "/") and request.path not in PUBLIC_PATHS:
-        svc = request.app[SERVICES]
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(hash_token(token.strip()), svc.admin_token_hash):
-            raise Unauthorized("invalid token")
+        check_token(request)
     result: web.StreamResponse = await handler(request)
     return result

@@ -152,6 +152,10 @@ class OtaBroker(Broker):
         self.outbox = outbox
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
+        # Read by /metrics (otabox.server.metrics).
+        self.logins_accepted = 0
+        self.logins_refused = 0
+        self.messages_in = 0
         self._identity: dict[str, tuple[str, str]] = {}  # session key -> (pk, dk)
         self._session_filters: dict[str, dict[str, int]] = {}  # session key -> {filter: qos}
         self._served: dict[str, asyncio.Future[None]] = {}  # session key -> end of its connection
@@ -218,11 +222,13 @@ class OtaBroker(Broker):
 
         result = await self.hooks.authenticate(incoming.client_id, incoming.username, incoming.password, address)
         if result.refuse_code:
+            self.logins_refused += 1
             # Refused before any session is touched: a live session with this id is unaffected.
             await ConnackPacket.build(0, result.refuse_code).to_stream(writer)
             await writer.close()
             return
 
+        self.logins_accepted += 1
         pk, dk = result.product_key, result.device_key
         key = session_key(pk, dk)
         await self._take_over(key)
@@ -323,6 +329,7 @@ class OtaBroker(Broker):
                 await self._device_publish(session, pk, dk, item)
 
     async def _device_publish(self, session: Session, pk: str, dk: str, message: Any) -> None:
+        self.messages_in += 1
         topic: str = message.topic or ""
         if not protocol.topic_allowed(topic, pk, dk, is_filter=False):
             log.warning("dropped PUBLISH from %s/%s to forbidden topic %r", pk, dk, topic)

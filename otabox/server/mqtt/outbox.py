@@ -40,6 +40,7 @@ class Outbox:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.messages_out = 0  # read by /metrics
 
     def attach(self, key: str, handler: Handler) -> None:
         """Only once handler.start() has finished: stock start() re-sends in-flight messages and
@@ -70,6 +71,7 @@ class Outbox:
         if handler is None:
             return False
         topic = protocol.topic_for(product_key, device_key, suffix)
+        self.messages_out += 1
         if qos == 0:
             return handler.send_qos0(topic, payload)
         task = asyncio.create_task(publish(handler, topic, payload, qos))

@@ -58,6 +58,9 @@ class StoreBase:
         self._write_lock = asyncio.Lock()
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Group commits so far and their time (read by /metrics).
+        self.commits = 0
+        self.commit_seconds = 0.0
 
     @classmethod
     async def open(cls, path: Path, *, read_only: bool = False) -> Self:
@@ -124,7 +127,10 @@ class StoreBase:
                 async with self._write_lock:
                     # aiosqlite's own hop to its thread: the whole batch is one call there.
                     run: Callable[..., Awaitable[list[tuple[bool, Any]]]] = self.db._execute
+                    started = time.perf_counter()
                     outcomes = await run(_run_batch, self.db._conn, [op for op, _ in batch])
+                    self.commits += 1
+                    self.commit_seconds += time.perf_counter() - started
             except BaseException as exc:  # the whole batch failed (e.g. disk full): tell everyone
                 for _, future in batch:
                     if not future.done():

@@ -94,6 +94,11 @@ class FirmwareSQL(StoreBase):
             (product_key, device_key, firmware_id, nbytes, time.time()),
         )
 
+    async def download_bytes_total(self) -> int:
+        """Every firmware byte ever served (all devices, full images and deltas)."""
+        row = await self._one("SELECT COALESCE(SUM(bytes), 0) AS n FROM downloads")
+        return int(row["n"]) if row else 0
+
     async def downloaded_bytes(self, product_key: str, device_key: str, firmware_id: str) -> int:
         row = await self._one(
             "SELECT bytes FROM downloads WHERE product_key = ? AND device_key = ? AND firmware_id = ?",

@@ -153,6 +153,16 @@ class JobSQL(StoreBase):
 
         return await self.batched(op)
 
+    async def job_status_counts(self) -> dict[JobStatus, int]:
+        """Jobs per status, over all jobs."""
+        found = await self._all("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        return {JobStatus(r["status"]): r["n"] for r in found}
+
+    async def task_state_counts(self) -> dict[TaskState, int]:
+        """Tasks per state, over all jobs."""
+        found = await self._all("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
+        return {TaskState(r["status"]): r["n"] for r in found}
+
     async def job_counts(self, job_id: str, wave: int | None = None) -> dict[TaskState, int]:
         if wave is None:
             found = await self._all(
