@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import secrets
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ class Api:
         async with self.http.get(self.base + "/healthz", timeout=aiohttp.ClientTimeout(total=30)) as resp:
             data: dict[str, Any] = await resp.json()
             return data
+
+    async def metrics(self) -> bytes:
+        async with self.http.get(
+            self.base + "/metrics", headers=self.headers, timeout=aiohttp.ClientTimeout(total=60)
+        ) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"GET /metrics: HTTP {resp.status}")
+            return await resp.read()
 
     async def import_devices(self, pk: str, keys: list[str]) -> dict[str, str]:
         secrets_by_key: dict[str, str] = {}
@@ -143,6 +152,27 @@ async def bench_otabox(run: Run) -> None:
         proc.stop()
 
 
+async def metrics_scrape(run: Run, api: Api, connected: int, repeats: int = 10) -> None:
+    """The cost of a Prometheus scrape with every device connected, against /healthz (same server,
+    same moment): the median of `repeats` of each, one after the other."""
+    scrapes, healths = [], []
+    size = 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        size = len(await api.metrics())
+        scrapes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        await api.healthz()
+        healths.append(time.perf_counter() - t)
+    scrape, health = statistics.median(scrapes), statistics.median(healths)
+    run.detail("metrics", scrapeMs=round(scrape * 1000, 2), healthzMs=round(health * 1000, 2), bytes=size)
+    ms, health_ms = scrape * 1000, health * 1000
+    log(f"  GET /metrics, {connected} connected: {ms:.1f} ms ({size} bytes); /healthz {health_ms:.1f} ms")
+    row = run.row("metrics", f"GET /metrics, {connected} connected", "ms", "lower")
+    row.otabox = round(scrape * 1000, 2)
+    row.note = f"/healthz on the same server: {health * 1000:.2f} ms ({scrape / health:.1f}x)"
+
+
 def make_file(path: Path, size: int) -> Path:
     with open(path, "wb") as fh:
         left = size
@@ -184,6 +214,7 @@ async def otabox_devices(
     run.detail("rss", connectedRssMB=round(rss / MB, 1), connected=len(live))
     if "rss" in run.only:
         run.row("rss", f"server RSS, {len(live)} connected", "MB", "lower", TARGETS["rss"]).otabox = round(rss / MB, 1)
+        await metrics_scrape(run, api, len(live))
 
     if not run.only & {"push", "progress"}:
         await clients.disconnect_all(devs)
