@@ -97,6 +97,35 @@ class JobEvent(StrEnum):
     COMPLETED = "completed"
 
 
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # not yet sent, or to be sent again at `next_at`
+    DELIVERED = "delivered"
+    FAILED = "failed"  # every attempt failed; no more are made
+
+
+# What a webhook can subscribe to: the job-level rows of the upgrade log as `job.<status>`, the
+# end of a task as `task.succeeded` or `task.failed` (failed, timeout or rolledBack: the
+# delivery's event says which).
+WEBHOOK_EVENTS = (
+    *(f"job.{e.value}" for e in JobEvent),
+    "task.succeeded",
+    "task.failed",
+)
+
+
+def webhook_event(kind: str, status: str) -> str | None:
+    """The webhook event type of an upgrade-log row (its `kind` and `status`), or None."""
+    if kind == EventKind.JOB:
+        return f"job.{status}"
+    if kind != EventKind.STATE:
+        return None
+    if status == TaskState.SUCCEEDED:
+        return "task.succeeded"
+    if status in (TaskState.FAILED, TaskState.TIMEOUT, TaskState.ROLLED_BACK):
+        return "task.failed"
+    return None
+
+
 class Waiting(StrEnum):
     """Why no task of a live job can move right now (`waiting.reason` in the API)."""
 
@@ -322,6 +351,31 @@ class Delta:
 
     def sign(self, sign_method: str) -> str:
         return self.md5 if sign_method == "md5" else self.sha256
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    id: str
+    url: str
+    events: tuple[str, ...]
+    secret: str  # key of each delivery's HMAC, as stored: encrypted with the server key
+    created_at: float
+    created_seq: int  # the log's last seq when it was made: it gets only what came after
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: int
+    webhook_id: str
+    type: str
+    body: str
+    status: DeliveryStatus
+    attempts: int
+    next_at: float | None
+    last_status: int | None
+    last_error: str
+    created_at: float
+    delivered_at: float | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from otabox.server.services import Services, Status
 from otabox.server.settings import Settings
 from otabox.server.store import Store
 from otabox.server.throttle import LoginLimiter
+from otabox.server.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class App:
         self.engine: JobEngine | None = None
         self.deltas: DeltaService | None = None
         self._lag: LoopLag | None = None
+        self.webhooks: WebhookService | None = None
         self.gateway: DeviceGateway | None = None
         self._runner: web.AppRunner | None = None
         self._http_sock: socket.socket | None = None
@@ -124,6 +126,7 @@ class App:
         await self.broker.start()
 
         status = Status(self.version, http_port, self.broker.port)
+        webhooks = self.webhooks = WebhookService(store, keys, timeout=s.webhook_timeout)
         lag = self._lag = LoopLag()
         lag.start()
         firmware = FirmwareService(store, artifacts, signer, s.max_upload_bytes, deltas)
@@ -143,6 +146,7 @@ class App:
             engine=engine,
             deltas=deltas,
             metrics=Metrics(store, outbox, self.broker, lag),
+            webhooks=webhooks,
             admin_token_hash=admin_hash,
         )
         self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -150,6 +154,7 @@ class App:
         await web.SockSite(self._runner, self._http_sock).start()
 
         await engine.start()
+        await webhooks.start()
         if s.backup_every > 0:
             self._backups = asyncio.create_task(self._scheduled_backups(), name="otabox-backups")
         write_private(self.data_dir / "ports.json", json.dumps({"http": http_port, "mqtt": status.mqtt_port}).encode())
@@ -203,6 +208,8 @@ class App:
             await asyncio.gather(self._backups, return_exceptions=True)
         if self.services is not None:
             self.services.status.ready.clear()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.deltas is not None:

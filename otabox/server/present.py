@@ -5,10 +5,26 @@ Pure: used by the HTTP layer and by `otabox.export` reading a data dir.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from otabox import jobspec
-from otabox.models import TASK_STATES, Delta, Device, Event, Firmware, Job, Product, Publisher, Task, TaskState, iso
+from otabox.models import (
+    TASK_STATES,
+    Delivery,
+    DeliveryStatus,
+    Delta,
+    Device,
+    Event,
+    Firmware,
+    Job,
+    Product,
+    Publisher,
+    Task,
+    TaskState,
+    Webhook,
+    iso,
+)
 from otabox.rollout import WaitState
 
 
@@ -98,6 +114,27 @@ def delta(d: Delta) -> dict[str, Any]:
         "seconds": d.seconds,
         "error": d.error or None,
         "createdAt": iso(d.created_at),
+    }
+
+
+def webhook(w: Webhook) -> dict[str, Any]:
+    """A webhook as the API shows it: never its secret."""
+    return {"id": w.id, "url": w.url, "events": list(w.events), "createdAt": iso(w.created_at)}
+
+
+def delivery(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "webhookId": d.webhook_id,
+        "type": d.type,
+        "status": d.status.value,
+        "attempts": d.attempts,
+        "nextAt": iso(d.next_at) if d.status == DeliveryStatus.PENDING else None,
+        "lastStatus": d.last_status,
+        "lastError": d.last_error or None,
+        "createdAt": iso(d.created_at),
+        "deliveredAt": iso(d.delivered_at),
+        "body": json.loads(d.body),
     }
 
 

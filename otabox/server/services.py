@@ -21,6 +21,7 @@ from otabox.server.mqtt.outbox import Outbox
 from otabox.server.registry import Registry
 from otabox.server.settings import Settings
 from otabox.server.store import Store
+from otabox.server.webhooks import WebhookService
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,4 +51,5 @@ class Services:
     engine: JobEngine
     deltas: DeltaService
     metrics: Metrics
+    webhooks: WebhookService
     admin_token_hash: str

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from otabox.server.http import api_backup, api_bundles, api_firmware, api_jobs, api_registry, console, downloads
+from otabox.server.http import (
+    api_backup,
+    api_bundles,
+    api_firmware,
+    api_jobs,
+    api_registry,
+    api_webhooks,
+    console,
+    downloads,
+)
 from otabox.server.http.plumbing import SERVICES, auth_middleware, check_token, error_middleware, services
 from otabox.server.metrics import CONTENT_TYPE
 from otabox.server.services import Services
@@ -45,5 +54,6 @@ def build_app(svc: Services) -> web.Application:
     api_jobs.add_routes(web_app)
     api_bundles.add_routes(web_app)
     api_backup.add_routes(web_app)
+    api_webhooks.add_routes(web_app)
     console.setup(web_app)
     return web_app

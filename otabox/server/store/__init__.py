@@ -14,9 +14,10 @@ from otabox.server.store.firmware import FirmwareSQL
 from otabox.server.store.jobs import JobLogEntry, JobSQL
 from otabox.server.store.registry import RegistrySQL
 from otabox.server.store.tasks import TaskSQL
+from otabox.server.store.webhooks import WebhookSQL
 
 __all__ = ["DuplicateError", "JobLogEntry", "Store"]
 
 
-class Store(RegistrySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL):
+class Store(RegistrySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL):
     """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""

@@ -206,4 +206,33 @@ MIGRATIONS: list[tuple[str, str]] = [
         )
         """,
     ),
+    (
+        # Webhooks (otabox.server.webhooks): subscriptions, and each delivery with its outcome.
+        "0009_webhooks",
+        """
+        CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            events TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_seq INTEGER NOT NULL
+        );
+        CREATE TABLE webhook_deliveries (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            webhook_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            body TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL,
+            last_status INTEGER,
+            last_error TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            delivered_at REAL
+        );
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_at);
+        CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, id)
+        """,
+    ),
 ]

@@ -8,6 +8,8 @@ from functools import lru_cache
 
 from otabox import jobspec
 from otabox.models import (
+    Delivery,
+    DeliveryStatus,
     Delta,
     DeltaStatus,
     Device,
@@ -23,6 +25,7 @@ from otabox.models import (
     Publisher,
     Task,
     TaskState,
+    Webhook,
 )
 
 
@@ -152,4 +155,24 @@ def delta(r: sqlite3.Row) -> Delta:
         seconds=r["seconds"],
         error=r["error"],
         created_at=r["created_at"],
+    )
+
+
+def webhook(r: sqlite3.Row) -> Webhook:
+    return Webhook(r["id"], r["url"], tuple(json.loads(r["events"])), r["secret"], r["created_at"], r["created_seq"])
+
+
+def delivery(r: sqlite3.Row) -> Delivery:
+    return Delivery(
+        id=r["id"],
+        webhook_id=r["webhook_id"],
+        type=r["type"],
+        body=r["body"],
+        status=DeliveryStatus(r["status"]),
+        attempts=r["attempts"],
+        next_at=r["next_at"],
+        last_status=r["last_status"],
+        last_error=r["last_error"],
+        created_at=r["created_at"],
+        delivered_at=r["delivered_at"],
     )
