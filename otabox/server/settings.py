@@ -86,9 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backup_every", float, 0.0, "Seconds between scheduled backups into backup_dir; 0 = none."),
     Setting("backup_keep", int, 7, "Scheduled backups kept (the oldest are deleted)."),
     Setting("backup_dir", str, "", "Folder of scheduled backups; default <data-dir>/backups."),
-    Setting(
-        "webhook_timeout", float, 10.0, "Seconds a webhook receiver has to answer a delivery (or it is retried)."
-    ),
+    Setting("webhook_timeout", float, 10.0, "Seconds a webhook receiver has to answer a delivery (or it is retried)."),
     Setting("metrics_public", bool, False, "Serve /metrics without a token (for a Prometheus on a trusted network)."),
     Setting("log_level", str, "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
