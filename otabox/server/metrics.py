@@ -72,6 +72,7 @@ class Snapshot:
     commit_seconds: float
     lag: float
     lag_worst: float
+    asyncio_tasks: int
 
     def families(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("otabox_devices_connected", "Devices with a live MQTT connection.", self.connected)
@@ -102,6 +103,9 @@ class Snapshot:
         )
         yield GaugeMetricFamily(
             "otabox_event_loop_lag_seconds", "How late the event loop woke its probe, lately.", self.lag
+        )
+        yield GaugeMetricFamily(
+            "otabox_asyncio_tasks", "Tasks alive on the event loop (a leak grows it).", self.asyncio_tasks
         )
         yield GaugeMetricFamily(
             "otabox_event_loop_lag_max_seconds", "The worst event-loop lag since the previous scrape.", self.lag_worst
@@ -137,6 +141,7 @@ class Metrics:
             commit_seconds=self.store.commit_seconds,
             lag=self.lag.last,
             lag_worst=self.lag.take_worst(),
+            asyncio_tasks=len(asyncio.all_tasks()),
         )
 
     async def scrape(self) -> bytes:
