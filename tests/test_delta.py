@@ -277,3 +277,17 @@ async def test_a_server_making_bsdiff4_deltas_serves_sdk_devices_too(tmp_path: P
         task, descs = await sdk_upgrade(server, tmp_path, new, OLD)
         assert any("rebuilt from a delta" in d for d in descs), descs
         assert task["bytesDownloaded"] == made.size
+
+
+async def test_a_version_stored_after_it_was_looked_for_gets_its_delta(server: Server) -> None:
+    await server.product("pk1")
+    new = await server.firmware("pk1", "2.0", NEW, name="main")
+    assert "delta" not in await push_to(server, new, "early", "1.0")  # 1.0 is not stored yet
+    old = await server.firmware("pk1", "1.0", OLD, name="main")
+    assert await server.services.deltas.for_device(await server.services.firmware.get(new["id"]), "1.0") is None
+    await server.services.deltas.idle()
+    params = await push_to(server, new, "later", "1.0")
+    made = await server.store.get_delta(old["id"], new["id"])
+    assert made is not None and params["delta"]["fileSize"] == made.size
+    # Uploading 1.0 after 2.0 made no delta 2.0 -> 1.0: earlier means a lower version, not an older upload.
+    assert (await server.call("GET", f"/firmware/{old['id']}/deltas", 200))["items"] == []

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from otabox import delta
+from otabox import delta, rollout
 from otabox.models import Delta, DeltaStatus, Firmware
 from otabox.server.artifacts import Artifacts
 from otabox.server.store import Store
@@ -98,7 +98,10 @@ class DeltaService:
     async def uploaded(self, fw: Firmware) -> None:
         """A new firmware arrived: start making deltas from the newest earlier versions of its
         line, so they are usually ready before a job for it starts."""
-        older = [f for f in await self.store.line_firmware(fw.product_key, fw.name) if f.id != fw.id]
+        self._line[(fw.product_key, fw.name, fw.version)] = fw.id  # it may have been looked for before
+        line = await self.store.line_firmware(fw.product_key, fw.name)  # newest upload first
+        # Earlier by version, not by upload: a device on a later version is not upgraded to this.
+        older = [f for f in line if f.id != fw.id and rollout.is_downgrade(fw.version, f.version)]
         await self.prepare(fw, {f.version for f in older[:PREPARE_ON_UPLOAD]})
 
     async def idle(self) -> None:
