@@ -18,7 +18,10 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
     while True:
-        chunk = await part.read_chunk(256 * 1024)
+        try:
+            chunk = await part.read_chunk(256 * 1024)
+        except ValueError as exc:  # aiohttp: "Reading after EOF", a body cut off mid-part
+            raise BadRequest("the upload ended before its closing boundary (cut off?)") from exc
         if not chunk:
             return
         yield chunk
@@ -31,9 +34,15 @@ async def form_parts(request: web.Request) -> AsyncIterator[Part]:
         raise TooLarge(f"firmware file is larger than the limit of {limit} bytes")
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("upload must be multipart/form-data with a 'file' part")
-    reader = await request.multipart()
+    try:
+        reader = await request.multipart()
+    except (ValueError, KeyError) as exc:  # no boundary parameter, or an unusable one
+        raise BadRequest(f"multipart/form-data needs a boundary parameter: {exc}") from exc
     while True:
-        part = await reader.next()
+        try:
+            part = await reader.next()
+        except ValueError as exc:  # a missing boundary, a body that is not multipart after all
+            raise BadRequest(f"malformed multipart body: {exc}") from exc
         if part is None:
             return
         if not isinstance(part, BodyPartReader):
