@@ -1,5 +1,5 @@
-"""Property-based fuzzing (Hypothesis) of what devices send: the protocol's parsers and the server's
-device-message handlers, on a real server with a real store and a job in flight.
+"""Property-based fuzzing (Hypothesis) of what devices send: raw MQTT frames, the protocol's parsers
+and the server's device-message handlers, on a real server with a real store and a job in flight.
 
 Whatever the bytes, a handler answers with standard JSON and a code a device can act on (200,
 400 or 404: never 500, which would mean the server failed), logs no traceback, and the device
@@ -9,6 +9,7 @@ stays servable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 
 from otabox import protocol
 from otabox.server.app import App
-from tests.conftest import TOKEN, Server, start_server
+from tests.conftest import TOKEN, Server, credentials, start_server
+from tests.test_broker import _connect, _mqtt_str
 
 JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 JSON_ANY = st.recursive(
@@ -78,7 +80,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asyncio.
 async def _job_in_flight(app: App, tmp: Path) -> None:
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         server = Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp / "data")
-        await server.device("d1")
+        _SECRETS[id(app)] = (await server.device("d1"))["deviceSecret"]
         fw = await server.firmware("pk1", "2.0", b"\x01" * 1000)
         await server.call(
             "POST", "/jobs", 201, json={"firmwareId": fw["id"], "mode": "request", "retry": {"count": 100}}
@@ -136,3 +138,71 @@ def test_login_parsing_raises_only_protocol_errors(client_id: str | None, userna
 
 def _refuse(name: str) -> Any:
     raise AssertionError(f"non-standard JSON constant {name} in a reply")
+
+
+FRAME = st.one_of(
+    # Any first byte, a truthful length and any body: every packet type with junk inside.
+    st.tuples(st.integers(0, 255), st.binary(max_size=300)).map(lambda t: bytes([t[0]]) + _length(len(t[1])) + t[1]),
+    st.binary(min_size=1, max_size=300),  # anything at all, lengths included
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=FRAME)
+def test_mqtt_frames_from_a_logged_in_device_cost_no_traceback(
+    running: tuple[asyncio.Runner, App, Tap], caplog: pytest.LogCaptureFixture, frame: bytes
+) -> None:
+    runner, app, _tap = running
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        runner.run(_send_frame(app, frame))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+async def _send_frame(app: App, frame: bytes) -> None:
+    """Log in as d1, send `frame`, then check a fresh connection of d1 is served (its inform answered)."""
+    for payload in (frame, None):
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.mqtt_port)
+        writer.write(_login_frame(app))
+        assert (await reader.readexactly(4))[3] == 0
+        if payload is not None:
+            writer.write(payload)
+            await writer.drain()
+            await asyncio.sleep(0)  # let the server read it
+        else:
+            inform = _mqtt_str("/sys/pk1/d1/ota/device/inform") + b'{"id":"1","params":{"version":"1.0"}}'
+            writer.write(bytes([0x30]) + _length(len(inform)) + inform)
+            async with asyncio.timeout(10):
+                while True:  # skip whatever else the server sends (a push of the job in flight)
+                    head = await reader.readexactly(1)
+                    size, shift = 0, 0
+                    while True:
+                        b = (await reader.readexactly(1))[0]
+                        size |= (b & 0x7F) << shift
+                        shift += 7
+                        if not b & 0x80:
+                            break
+                    body = await reader.readexactly(size)
+                    if head[0] >> 4 == 3 and b"inform_reply" in body:
+                        break
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+_SECRETS: dict[int, str] = {}
+
+
+def _login_frame(app: App) -> bytes:
+    creds = credentials("pk1", "d1", _SECRETS[id(app)])
+    return _connect(creds["identifier"], creds["username"], creds["password"])
+
+
+def _length(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n % 128, n // 128
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
