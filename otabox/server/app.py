@@ -109,6 +109,9 @@ class App:
         await store.mark_all_offline()
         admin_hash = await self._admin_token(store)
         artifacts = Artifacts(self.data_dir / "firmware")
+        swept = artifacts.sweep(await store.stored_digests())
+        if swept:
+            log.warning("removed %d firmware file(s) no record refers to (left by a crash)", len(swept))
 
         self._http_sock = socket.create_server(
             (s.host, s.http_port), family=_family(s.host), backlog=HTTP_BACKLOG, reuse_port=False

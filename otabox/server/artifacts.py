@@ -75,3 +75,16 @@ class Artifacts:
 
     def remove(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
+
+    def sweep(self, keep: set[str]) -> list[str]:
+        """Delete stored files whose digest is not in `keep`; the digests deleted.
+
+        Run at start, before anything is stored: a crash between moving a file into the store
+        and committing its row leaves a file nothing refers to.
+        """
+        gone = []
+        for path in self.root.glob("??/*"):
+            if path.parent != self.tmp and path.name not in keep:
+                path.unlink(missing_ok=True)
+                gone.append(path.name)
+        return gone

@@ -53,3 +53,8 @@ class DeltaSQL(StoreBase):
             "SELECT * FROM firmware WHERE product_key = ? AND name = ? ORDER BY created_at DESC", (product_key, name)
         )
         return [rows.firmware(r) for r in found]
+
+    async def stored_digests(self) -> set[str]:
+        """The sha256 of every file the store refers to: firmware and deltas."""
+        found = await self._all("SELECT sha256 FROM firmware UNION SELECT sha256 FROM deltas WHERE sha256 != ''")
+        return {r["sha256"] for r in found}
