@@ -23,6 +23,7 @@ from aiohttp import web
 
 from otabox import __version__
 from otabox.server import backup
+from otabox.server.accounts import AccountService
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
 from otabox.server.deltas import DeltaService
@@ -74,6 +75,7 @@ class App:
         self._http_sock: socket.socket | None = None
         self._lock: int | None = None
         self._backups: asyncio.Task[None] | None = None
+        self._backups_stop = asyncio.Event()
         self._stopped = False
 
     @property
@@ -130,6 +132,8 @@ class App:
 
         status = Status(self.version, http_port, self.broker.port)
         webhooks = self.webhooks = WebhookService(store, keys, timeout=s.webhook_timeout)
+        accounts = AccountService(store, admin_hash)
+        await accounts.ensure_builtin_admin()
         lag = self._lag = LoopLag()
         lag.start()
         firmware = FirmwareService(store, artifacts, signer, s.max_upload_bytes, deltas)
@@ -150,6 +154,7 @@ class App:
             deltas=deltas,
             metrics=Metrics(store, outbox, self.broker, lag),
             webhooks=webhooks,
+            accounts=accounts,
             admin_token_hash=admin_hash,
         )
         self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -184,20 +189,29 @@ class App:
         return hash_token(token)
 
     async def _scheduled_backups(self) -> None:
-        """A backup every `backup_every` seconds into `backup_dir`, keeping the newest `backup_keep`."""
+        """A backup every `backup_every` seconds into `backup_dir`, keeping the newest `backup_keep`.
+
+        Stopping waits for a backup being written to finish (`_backups_stop`), rather than
+        cancelling it: its thread would go on writing regardless and leave a `.part` behind.
+        """
         s = self.settings
         folder = Path(s.backup_dir).expanduser() if s.backup_dir else self.data_dir / "backups"
         signing = Path(s.signing_key).expanduser() if s.signing_key else None
         while True:
-            await asyncio.sleep(s.backup_every)
+            try:
+                async with asyncio.timeout(s.backup_every):
+                    await self._backups_stop.wait()
+                return
+            except TimeoutError:
+                pass
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                name = folder / time.strftime("otabox-backup-%Y%m%dT%H%M%SZ.tar.gz", time.gmtime())
+                # Microseconds in the name: two backups in one second must not overwrite each other.
+                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:] + "Z"
+                name = folder / f"otabox-backup-{stamp}.tar.gz"
                 await asyncio.to_thread(backup.write_file, self.data_dir, name, signing_key=signing)
                 await asyncio.to_thread(backup.prune, folder, s.backup_keep)
                 log.info("scheduled backup written to %s", name)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("scheduled backup failed")
 
@@ -207,7 +221,7 @@ class App:
             return
         self._stopped = True
         if self._backups is not None:
-            self._backups.cancel()
+            self._backups_stop.set()
             await asyncio.gather(self._backups, return_exceptions=True)
         if self.services is not None:
             self.services.status.ready.clear()
