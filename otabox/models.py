@@ -97,6 +97,21 @@ class JobEvent(StrEnum):
     COMPLETED = "completed"
 
 
+class Role(StrEnum):
+    """What a user may do: each role may do everything of the ones before it."""
+
+    VIEWER = "viewer"  # read
+    OPERATOR = "operator"  # + firmware upload/delete, jobs, task retry/cancel
+    ADMIN = "admin"  # + products, devices, users, tokens of others, webhooks, backups, bundles
+
+    def allows(self, needed: Role) -> bool:
+        order = list(Role)
+        return order.index(self) >= order.index(needed)
+
+
+BUILTIN_ADMIN = "admin"  # the user the first-start admin token belongs to
+
+
 class DeliveryStatus(StrEnum):
     PENDING = "pending"  # not yet sent, or to be sent again at `next_at`
     DELIVERED = "delivered"
@@ -351,6 +366,48 @@ class Delta:
 
     def sign(self, sign_method: str) -> str:
         return self.md5 if sign_method == "md5" else self.sha256
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request acts as: a user and the role it has now."""
+
+    username: str
+    role: Role
+    token_id: str | None = None  # the personal token it came with (None: admin token, password, console)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    username: str
+    role: Role
+    password_hash: str  # scrypt, salted ("" for the built-in admin, who signs in with its token)
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    id: str
+    username: str
+    name: str
+    token_hash: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    ts: float
+    actor: str
+    role: str
+    action: str
+    target: str
+    remote_addr: str
+    status: int
+    details: str = ""
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from otabox.server.accounts import AccountService
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
 from otabox.server.deltas import DeltaService
@@ -52,4 +53,5 @@ class Services:
     deltas: DeltaService
     metrics: Metrics
     webhooks: WebhookService
+    accounts: AccountService
     admin_token_hash: str

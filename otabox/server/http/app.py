@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from otabox.server.http import (
+    api_accounts,
     api_backup,
     api_bundles,
     api_firmware,
@@ -14,7 +15,7 @@ from otabox.server.http import (
     console,
     downloads,
 )
-from otabox.server.http.plumbing import SERVICES, auth_middleware, check_token, error_middleware, services
+from otabox.server.http.plumbing import SERVICES, auth_middleware, authenticate, error_middleware, services
 from otabox.server.metrics import CONTENT_TYPE
 from otabox.server.services import Services
 
@@ -35,10 +36,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; needs the token unless the operator made it public (--metrics-public)."""
+    """Prometheus text format; needs a token (any role) unless the operator made it public (--metrics-public)."""
     svc = services(request)
     if not svc.settings.metrics_public:
-        check_token(request)
+        await authenticate(request)  # any role
     return web.Response(body=await svc.metrics.scrape(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -55,5 +56,6 @@ def build_app(svc: Services) -> web.Application:
     api_bundles.add_routes(web_app)
     api_backup.add_routes(web_app)
     api_webhooks.add_routes(web_app)
+    api_accounts.add_routes(web_app)
     console.setup(web_app)
     return web_app

@@ -5,7 +5,8 @@ May import `otabox.server.services` and the pure modules; the API and console mo
 
 from __future__ import annotations
 
-import hmac
+import base64
+import binascii
 import json
 import logging
 import math
@@ -14,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from otabox.errors import BadRequest, OtaboxError, Unauthorized
-from otabox.models import parse_iso
-from otabox.server.keys import hash_token
+from otabox.errors import BadRequest, Forbidden, OtaboxError, Unauthorized
+from otabox.models import Principal, parse_iso
+from otabox.server import access
 from otabox.server.services import Services
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,24 @@ def services(request: web.Request) -> Services:
     return request.config_dict[SERVICES]
 
 
-# Who the upgrade log names for what a request did: the one admin token is all there is so far.
+# Who the upgrade log names when a request has no principal (none should reach a handler).
 ADMIN = "admin"
+
+
+# The request key of the Principal a request acts as (set by the API's auth middleware and the
+# console's session check).
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("otabox.principal", Principal)
+
+
+def principal(request: web.Request) -> Principal:
+    """Who the request acts as (every authenticated request has one)."""
+    return request[PRINCIPAL]
 
 
 def actor(request: web.Request) -> str:
     """The operator behind a request, as the upgrade log names them."""
-    return ADMIN
+    who = request.get(PRINCIPAL)
+    return who.username if who is not None else ADMIN
 
 
 def parse_time(value: Any, field: str) -> float:
@@ -135,19 +147,66 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(OtaboxError("internal server error"))
 
 
-def check_token(request: web.Request) -> None:
-    """The request's bearer token must be the admin token. Raises Unauthorized."""
+async def authenticate(request: web.Request) -> Principal:
+    """The principal of the request's credentials: a bearer token, or (to get a token) HTTP Basic.
+
+    A refused attempt is written to the audit log (`auth.failed`). Raises Unauthorized.
+    """
+    svc = services(request)
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, _, credentials = header.partition(" ")
+    credentials = credentials.strip()
+    who: Principal | None = None
+    name = ""
+    if scheme.lower() == "bearer" and credentials:
+        who = await svc.accounts.by_token(credentials)
+    elif scheme.lower() == "basic" and credentials:
+        if (request.method, request.path) != ("POST", API_PREFIX + "/tokens"):
+            raise Unauthorized("a user name and password only get a token (POST /tokens); use the token")
+        try:
+            name, _, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+        except (ValueError, binascii.Error):
+            name, password = "", ""
+        who = await svc.accounts.by_password(name, password) if name else None
+    elif not header:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    if not hmac.compare_digest(hash_token(token.strip()), request.app[SERVICES].admin_token_hash):
-        raise Unauthorized("invalid token")
+    if who is None:
+        detail = f"{scheme.lower() or 'no scheme'}{' as ' + name if name else ''}"
+        await svc.accounts.audit(None, "auth.failed", request.path, request.remote or "?", 401, detail)
+        raise Unauthorized("invalid credentials")
+    return who
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path.startswith(API_PREFIX + "/") and request.path not in PUBLIC_PATHS:
-        check_token(request)
-    result: web.StreamResponse = await handler(request)
-    return result
+    """Who is asking, whether their role allows it, and the audit row of every write."""
+    if not request.path.startswith(API_PREFIX + "/") or request.path in PUBLIC_PATHS:
+        result: web.StreamResponse = await handler(request)
+        return result
+    return await guarded(request, handler, await authenticate(request))
+
+
+async def guarded(request: web.Request, handler: Any, who: Principal) -> web.StreamResponse:
+    """Run `handler` as `who` if its role allows the request; audit it when it changes state."""
+    rule = access.rule_for(request.method, request.path)
+    accounts = services(request).accounts
+    address = request.remote or "?"
+    write = access.is_write(request.method)
+    if not who.role.allows(rule.role):
+        if write:
+            await accounts.audit(who, rule.action, request.path, address, Forbidden.status, "role")
+        raise Forbidden(f"{rule.action} needs the {rule.role} role; {who.username} is {who.role}")
+    request[PRINCIPAL] = who
+    if not write:
+        result: web.StreamResponse = await handler(request)
+        return result
+    status = 500
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        return response
+    except (web.HTTPException, OtaboxError) as exc:
+        status = exc.status
+        raise
+    finally:
+        await accounts.audit(who, rule.action, request.path, address, status)

@@ -7,6 +7,7 @@ dataclasses built in `rows.py`; the schema is `migrations.py`. May import `otabo
 
 from __future__ import annotations
 
+from otabox.server.store.accounts import AccountSQL
 from otabox.server.store.base import DuplicateError
 from otabox.server.store.deltas import DeltaSQL
 from otabox.server.store.events import EventSQL
@@ -19,5 +20,5 @@ from otabox.server.store.webhooks import WebhookSQL
 __all__ = ["DuplicateError", "JobLogEntry", "Store"]
 
 
-class Store(RegistrySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL):
+class Store(RegistrySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL, AccountSQL):
     """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""

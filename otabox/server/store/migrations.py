@@ -235,4 +235,39 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, id)
         """,
     ),
+    (
+        # Users, their personal API tokens, and the audit log (otabox.server.accounts). The audit
+        # log is only ever appended to.
+        "0010_accounts",
+        """
+        CREATE TABLE users (
+            username TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            name TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            revoked_at REAL,
+            last_used_at REAL
+        );
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            role TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            remote_addr TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            details TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX audit_ts ON audit (ts)
+        """,
+    ),
 ]

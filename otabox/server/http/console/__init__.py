@@ -7,7 +7,6 @@ state-changing request must carry the session's CSRF token. The REST API keeps i
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -15,6 +14,7 @@ from urllib.parse import quote, urlparse
 from aiohttp import web
 
 from otabox.errors import OtaboxError
+from otabox.models import Principal
 from otabox.server.http.console import sse, views_devices, views_firmware, views_jobs, views_main, views_new_job
 from otabox.server.http.console.render import (
     CONSOLE,
@@ -30,7 +30,7 @@ from otabox.server.http.console.render import (
     setup_templates,
 )
 from otabox.server.http.console.sessions import COOKIE
-from otabox.server.keys import hash_token
+from otabox.server.http.plumbing import guarded
 
 __all__ = ["CONSOLE", "Console", "setup", "shutdown"]
 
@@ -97,7 +97,8 @@ async def _guarded(request: web.Request, handler: Any) -> web.StreamResponse:
     request[SESSION] = s
     if request.method not in _SAFE_METHODS and (not _same_origin(request) or not s.csrf_ok(await _csrf_token(request))):
         return _error_page(request, 403, "The form was stale or came from another site; reload and try again.")
-    result = await handler(request)
+    # The same role rules and audit log as the API (otabox.server.access).
+    result = await guarded(request, handler, Principal(s.user, s.role))
     return result
 
 
@@ -141,14 +142,24 @@ async def login(request: web.Request) -> web.Response:
     if c.limiter.locked(address):
         msg = "Too many failed sign-ins from this address; wait a minute and try again."
         return render(request, "login.html", {"next": nxt, "error": msg}, 429)
+    accounts = otabox(request).accounts
+    username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
     token = str(form.get("token", "")).strip()
-    if not token or not hmac.compare_digest(hash_token(token), otabox(request).admin_token_hash):
+    if username:
+        who = await accounts.by_password(username, password)
+    else:
+        who = await accounts.by_token(token) if token else None
+    if who is None:
         c.limiter.fail(address)
         log.warning("console sign-in failed from %s", address)
+        await accounts.audit(
+            None, "auth.failed", request.path, address, 401, f"console{' as ' + username if username else ''}"
+        )
         # The form again with its message, as 200: browsers log a 4xx page as a console error.
-        return render(request, "login.html", {"next": nxt, "error": "That token is not valid."})
+        error = "That user name and password do not match." if username else "That token is not valid."
+        return render(request, "login.html", {"next": nxt, "error": error})
     c.limiter.clear(address)
-    s = c.sessions.create("admin")
+    s = c.sessions.create(who.username, who.role)
     log.info("console sign-in from %s", address)
     resp = see_other(nxt)
     resp.set_cookie(COOKIE, s.sid, httponly=True, samesite="Strict", path=PREFIX, secure=request.secure)

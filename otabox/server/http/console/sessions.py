@@ -11,6 +11,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from otabox.models import Role
+
 COOKIE = "otabox_session"
 # Idle timeout: an operator who walks away is signed out after this long without a request.
 # Long enough for a working day of occasional clicks, short enough for a shared control room PC.
@@ -24,6 +26,7 @@ class Session:
     sid: str
     csrf: str
     user: str
+    role: Role
     last_seen: float
     flash: list[str] = field(default_factory=list)
 
@@ -45,14 +48,14 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def create(self, user: str) -> Session:
+    def create(self, user: str, role: Role) -> Session:
         now = time.monotonic()
         if len(self._by_id) >= MAX_SESSIONS:
             self._prune(now)
             if len(self._by_id) >= MAX_SESSIONS:
                 oldest = min(self._by_id.values(), key=lambda s: s.last_seen)
                 del self._by_id[oldest.sid]
-        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), user, now)
+        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), user, role, now)
         self._by_id[session.sid] = session
         return session
 

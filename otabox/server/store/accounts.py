@@ -1,0 +1,126 @@
+"""SQL of users, personal API tokens and the audit log (append only: nothing here edits or deletes it)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+
+from otabox.models import ApiToken, AuditEntry, Role, User
+from otabox.server.store.base import DuplicateError, StoreBase
+
+
+def _user(r: sqlite3.Row) -> User:
+    return User(r["username"], Role(r["role"]), r["password_hash"], r["created_at"])
+
+
+def _token(r: sqlite3.Row) -> ApiToken:
+    return ApiToken(
+        r["id"], r["username"], r["name"], r["token_hash"], r["created_at"], r["expires_at"], r["revoked_at"],
+        r["last_used_at"],
+    )  # fmt: skip
+
+
+def _audit(r: sqlite3.Row) -> AuditEntry:
+    return AuditEntry(
+        r["ts"], r["actor"], r["role"], r["action"], r["target"], r["remote_addr"], r["status"], r["details"], r["seq"]
+    )
+
+
+class AccountSQL(StoreBase):
+    async def create_user(self, user: User) -> None:
+        """Raises DuplicateError for a username that exists."""
+        await self._write(
+            "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+            (user.username, user.role, user.password_hash, user.created_at),
+        )
+
+    async def get_user(self, username: str) -> User | None:
+        r = await self._one("SELECT * FROM users WHERE username = ?", (username,))
+        return None if r is None else _user(r)
+
+    async def list_users(self) -> list[User]:
+        return [_user(r) for r in await self._all("SELECT * FROM users ORDER BY username")]
+
+    async def update_user(self, username: str, role: Role | None, password_hash: str | None) -> bool:
+        sets, params = [], []
+        if role is not None:
+            sets.append("role = ?")
+            params.append(role.value)
+        if password_hash is not None:
+            sets.append("password_hash = ?")
+            params.append(password_hash)
+        if not sets:
+            return await self.get_user(username) is not None
+        return bool(await self._write(f"UPDATE users SET {', '.join(sets)} WHERE username = ?", (*params, username)))
+
+    async def delete_user(self, username: str) -> bool:
+        """The user and its tokens (revoked with it)."""
+
+        def op(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM api_tokens WHERE username = ?", (username,))
+            return bool(db.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount)
+
+        return await self.batched(op)
+
+    async def create_token(self, token: ApiToken) -> None:
+        await self._write(
+            "INSERT INTO api_tokens (id, username, name, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (token.id, token.username, token.name, token.token_hash, token.created_at, token.expires_at),
+        )
+
+    async def token_by_hash(self, token_hash: str) -> ApiToken | None:
+        r = await self._one("SELECT * FROM api_tokens WHERE token_hash = ?", (token_hash,))
+        return None if r is None else _token(r)
+
+    async def list_tokens(self, username: str | None) -> list[ApiToken]:
+        if username is None:
+            found = await self._all("SELECT * FROM api_tokens ORDER BY created_at")
+        else:
+            found = await self._all("SELECT * FROM api_tokens WHERE username = ? ORDER BY created_at", (username,))
+        return [_token(r) for r in found]
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        r = await self._one("SELECT * FROM api_tokens WHERE id = ?", (token_id,))
+        return None if r is None else _token(r)
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self._write(
+            "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), token_id)
+        )
+
+    async def token_used(self, token_id: str, now: float) -> None:
+        await self._write("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
+
+    async def append_audit(self, e: AuditEntry) -> None:
+        await self._write(
+            "INSERT INTO audit (ts, actor, role, action, target, remote_addr, status, details)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.ts, e.actor, e.role, e.action, e.target, e.remote_addr, e.status, e.details),
+        )
+
+    async def iter_audit(
+        self, since: float | None, actor: str | None, action: str | None, batch: int = 5000
+    ) -> AsyncIterator[AuditEntry]:
+        where, params = ["seq > ?"], [0.0]
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if actor:
+            where.append("actor = ?")
+            params.append(actor)  # type: ignore[arg-type]
+        if action:
+            where.append("action = ?")
+            params.append(action)  # type: ignore[arg-type]
+        while True:
+            found = await self._all(
+                f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*params, batch)
+            )
+            for r in found:
+                yield _audit(r)
+            if len(found) < batch:
+                return
+            params[0] = found[-1]["seq"]
+
+
+__all__ = ["AccountSQL", "DuplicateError"]
