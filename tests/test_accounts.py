@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import Server
+from tests.test_cli import Cli, _clean_env  # noqa: F401  (the CLI must not read the shell's settings)
 
 
 async def as_user(server: Server, username: str, role: str, password: str = "correct horse battery") -> str:
@@ -166,3 +168,28 @@ async def test_the_console_signs_in_with_a_password_and_refuses_a_viewers_forms(
     entries = await audit(server, actor="vera")
     assert [(e["action"], e["status"]) for e in entries] == [("firmware.delete", 403)]
     assert any(e["action"] == "auth.failed" and "console as vera" in e["details"] for e in await audit(server))
+
+
+async def test_the_cli_manages_users_and_tokens_and_a_viewer_is_refused(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = Cli(server, capsys)
+    made = await cli("user", "add", "vera", "--role", "viewer", "--json")
+    assert made.rc == 0 and len(made.json()["password"]) >= 16
+    listed = await cli("user", "list", "--json")
+    assert [u["username"] for u in listed.json()["items"]] == ["admin", "vera"]
+    assert (await cli("user", "set-role", "vera", "operator", "--json")).json()["role"] == "operator"
+    await cli("user", "set-role", "vera", "viewer")
+    token = await as_user(server, "wes", "viewer")
+    refused = await cli("product", "add", "pk9", "--name", "x", token=token)
+    assert refused.rc == 1 and "forbidden" in refused.err and "wes is viewer" in refused.err
+    own = await cli("token", "create", "laptop", "--expires", "600", "--json", token=token)
+    assert own.rc == 0 and own.json()["token"].startswith("otb_")
+    assert {t["name"] for t in (await cli("token", "list", "--json", token=token)).json()["items"]} == {
+        "script", "laptop",
+    }  # fmt: skip
+    assert (await cli("token", "revoke", own.json()["id"], token=token)).rc == 0
+    log = await cli("audit", "show", "--actor", "wes")
+    actions = [json.loads(line)["action"] for line in log.out.splitlines()]
+    assert actions == ["token.create", "product.create", "token.create", "token.revoke"]
+    assert (await cli("user", "remove", "vera")).rc == 0

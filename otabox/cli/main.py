@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otabox import __version__
-from otabox.cli import backup, bundle, delta, export, jobs, registry, simulate
+from otabox.cli import accounts, backup, bundle, delta, export, jobs, registry, simulate
 from otabox.cli.client import ApiError, Client, discover_url
 from otabox.server import settings
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     registry.register(command, group)
+    accounts.register(command, group)
     jobs.register(command, group)
     bundle.register(sub, command, group)
     backup.register(sub)
