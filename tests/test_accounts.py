@@ -193,3 +193,25 @@ async def test_the_cli_manages_users_and_tokens_and_a_viewer_is_refused(
     actions = [json.loads(line)["action"] for line in log.out.splitlines()]
     assert actions == ["token.create", "product.create", "token.create", "token.revoke"]
     assert (await cli("user", "remove", "vera")).rc == 0
+
+
+async def test_the_console_shows_a_viewer_no_buttons_it_cannot_use(server: Server) -> None:
+    await server.product("pk1")
+    fw = await server.firmware("pk1", "2.0", b"\x01" * 1000)
+    await server.call("POST", "/users", 201, json={"username": "vera", "role": "viewer", "password": "0123456789ab"})
+    await server.call("POST", "/users", 201, json={"username": "otto", "role": "operator", "password": "0123456789ab"})
+    pages: dict[str, str] = {}
+    for user in ("vera", "otto"):
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            login = {"username": user, "password": "0123456789ab", "next": "/ui/"}
+            async with browser.post(server.url + "/ui/login", data=login, headers={"Origin": server.url}) as resp:
+                assert resp.status == 200
+            async with browser.get(server.url + f"/ui/firmware/{fw['id']}") as resp:
+                pages[user] = await resp.text()
+            async with browser.get(server.url + "/ui/devices?product=pk1") as resp:
+                pages[user + "-devices"] = await resp.text()
+    assert 'vera <span class="muted">(viewer)</span>' in pages["vera"]
+    for form in (f"/ui/firmware/{fw['id']}/delete", "/ui/jobs/new"):
+        assert form not in pages["vera"], form
+        assert form in pages["otto"], form  # an operator may
+    assert "/ui/products/pk1/devices" not in pages["otto-devices"]  # registering devices is the admin's

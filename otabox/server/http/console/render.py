@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from otabox import rollout
 from otabox.models import TASK_STATES, parse_iso
+from otabox.server import access
 from otabox.server.http.console.sessions import Session, Sessions
 from otabox.server.http.plumbing import services
 from otabox.server.services import Services
@@ -99,14 +101,29 @@ def flash(request: web.Request, message: str) -> None:
     session(request).flash.append(message)
 
 
+def _allowed(s: Session | None) -> Callable[[str], bool]:
+    """`allowed(path)` in templates: may this session post a form to `path` (otabox.server.access)?
+
+    Templates show a form only when it would be accepted: a viewer sees no buttons it cannot use.
+    """
+
+    def allowed(path: str) -> bool:
+        return s is not None and s.role.allows(access.rule_for("POST", path).role)
+
+    return allowed
+
+
 def render(request: web.Request, name: str, ctx: dict[str, Any], status: int = 200) -> web.Response:
-    """A full page: the template with the base context (session, CSRF token, flash messages)."""
+    """A full page: the template with the base context (session, CSRF token, flash messages, role)."""
     s: Session | None = request.get(SESSION)
     base = {
         "request": request,
         "csrf": s.csrf if s else "",
         "signed_in": s is not None,
         "flashes": s.take_flash() if s else [],
+        "user": s.user if s else "",
+        "role": s.role.value if s else "",
+        "allowed": _allowed(s),
     }
     resp = aiohttp_jinja2.render_template(name, request, {**base, **ctx}, status=status)
     resp.headers["Cache-Control"] = "no-store"
@@ -115,7 +132,8 @@ def render(request: web.Request, name: str, ctx: dict[str, Any], status: int = 2
 
 def fragment(request: web.Request, name: str, ctx: dict[str, Any]) -> str:
     s: Session | None = request.get(SESSION)
-    return aiohttp_jinja2.render_string(name, request, {"request": request, "csrf": s.csrf if s else "", **ctx})
+    base = {"request": request, "csrf": s.csrf if s else "", "allowed": _allowed(s)}
+    return aiohttp_jinja2.render_string(name, request, {**base, **ctx})
 
 
 def html(text: str, status: int = 200) -> web.Response:
