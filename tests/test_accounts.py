@@ -210,7 +210,7 @@ async def test_the_console_shows_a_viewer_no_buttons_it_cannot_use(server: Serve
                 pages[user] = await resp.text()
             async with browser.get(server.url + "/ui/devices?product=pk1") as resp:
                 pages[user + "-devices"] = await resp.text()
-    assert 'vera <span class="muted">(viewer)</span>' in pages["vera"]
+    assert '<p class="whoami">vera (viewer)</p>' in pages["vera"]
     for form in (f"/ui/firmware/{fw['id']}/delete", "/ui/jobs/new"):
         assert form not in pages["vera"], form
         assert form in pages["otto"], form  # an operator may

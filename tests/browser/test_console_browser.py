@@ -34,10 +34,10 @@ def test_sign_in(live: LiveServer, watch: PageWatch, context: Any) -> None:
     page = watch.page
     page.goto(live.url + "/")
     expect(page).to_have_url(re.compile(r"/ui/login"))
-    page.get_by_label("Admin token").fill("not-the-token")
+    page.get_by_label("Token", exact=True).fill("not-the-token")
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("alert")).to_contain_text("not valid")
-    page.get_by_label("Admin token").fill(TOKEN)
+    page.get_by_label("Token", exact=True).fill(TOKEN)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Dashboard")
     cookie = next(c for c in context.cookies() if c["name"] == "otabox_session")
