@@ -25,6 +25,7 @@ from otabox import protocol
 from otabox.server.app import App
 from tests.conftest import TOKEN, Server, credentials, start_server
 from tests.test_broker import _connect, _mqtt_str
+from tests.test_mqtt_hostile import _length
 
 JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 JSON_ANY = st.recursive(
@@ -197,12 +198,3 @@ _SECRETS: dict[int, str] = {}
 def _login_frame(app: App) -> bytes:
     creds = credentials("pk1", "d1", _SECRETS[id(app)])
     return _connect(creds["identifier"], creds["username"], creds["password"])
-
-
-def _length(n: int) -> bytes:
-    out = b""
-    while True:
-        byte, n = n % 128, n // 128
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out

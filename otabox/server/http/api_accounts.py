@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-
 from aiohttp import web
 
-from otabox.errors import BadRequest
 from otabox.models import ApiToken, AuditEntry, User, iso
 from otabox.server.http.plumbing import (
     API_PREFIX,
@@ -18,6 +13,8 @@ from otabox.server.http.plumbing import (
     principal,
     read_json,
     services,
+    stream_format,
+    stream_rows,
 )
 
 AUDIT_COLUMNS = ("ts", "actor", "role", "action", "target", "remoteAddr", "status", "details")
@@ -91,34 +88,10 @@ async def revoke_token(request: web.Request) -> web.Response:
 async def audit(request: web.Request) -> web.StreamResponse:
     """The audit log, oldest first, as JSONL (default) or CSV; `since`, `actor`, `action` filter."""
     q = request.query
-    fmt = q.get("format", "jsonl")
-    if fmt not in ("jsonl", "csv"):
-        raise BadRequest("format must be jsonl or csv")
+    fmt = stream_format(request)
     since = parse_time(q["since"], "since") if q.get("since") else None
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
-            "Content-Disposition": f'attachment; filename="otabox-audit.{fmt}"',
-        }
-    )
-    await resp.prepare(request)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    if fmt == "csv":
-        writer.writerow(AUDIT_COLUMNS)
-    async for entry in services(request).store.iter_audit(since, q.get("actor") or None, q.get("action") or None):
-        row = _audit(entry)
-        if fmt == "csv":
-            writer.writerow([row[c] for c in AUDIT_COLUMNS])
-        else:
-            buf.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if buf.tell() > 64 * 1024:
-            await resp.write(buf.getvalue().encode())
-            buf.seek(0)
-            buf.truncate()
-    await resp.write(buf.getvalue().encode())
-    await resp.write_eof()
-    return resp
+    found = services(request).store.iter_audit(since, q.get("actor") or None, q.get("action") or None)
+    return await stream_rows(request, (_audit(e) async for e in found), AUDIT_COLUMNS, fmt, "otabox-audit")
 
 
 def add_routes(web_app: web.Application) -> None:

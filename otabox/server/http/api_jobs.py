@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import time
 
 from aiohttp import web
@@ -24,11 +21,10 @@ from otabox.server.http.plumbing import (
     parse_time,
     read_json,
     services,
+    stream_format,
+    stream_rows,
 )
 from otabox.server.services import Services
-
-# Bytes of the upgrade log buffered before a write to the client.
-STREAM_CHUNK = 64 * 1024
 
 
 async def job_view(svc: Services, job: Job) -> dict[str, object]:
@@ -103,34 +99,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     """The upgrade log as JSONL (default) or CSV, streamed oldest first."""
     svc = services(request)
     q = request.query
-    fmt = q.get("format", "jsonl")
-    if fmt not in ("jsonl", "csv"):
-        raise BadRequest("format must be jsonl or csv")
+    fmt = stream_format(request)
     since = parse_time(q["since"], "since") if q.get("since") else None
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
-            "Content-Disposition": f'attachment; filename="otabox-events.{fmt}"',
-        }
-    )
-    await resp.prepare(request)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    if fmt == "csv":
-        writer.writerow(EVENT_COLUMNS)
-    async for ev in svc.store.iter_events(q.get("jobId") or None, q.get("productKey") or None, since):
-        row = present.event(ev)
-        if fmt == "csv":
-            writer.writerow(["" if row[c] is None else row[c] for c in EVENT_COLUMNS])
-        else:
-            buf.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if buf.tell() > STREAM_CHUNK:
-            await resp.write(buf.getvalue().encode())
-            buf.seek(0)
-            buf.truncate()
-    await resp.write(buf.getvalue().encode())
-    await resp.write_eof()
-    return resp
+    found = svc.store.iter_events(q.get("jobId") or None, q.get("productKey") or None, since)
+    rows = (present.event(ev) async for ev in found)
+    return await stream_rows(request, rows, EVENT_COLUMNS, fmt, "otabox-events")
 
 
 def add_routes(web_app: web.Application) -> None:
