@@ -59,7 +59,7 @@ from amqtt.mqtt.publish import PublishVariableHeader
 from amqtt.session import Session
 
 from otabox import protocol
-from otabox.server.mqtt.connection import Closed, Handler
+from otabox.server.mqtt.connection import Closed, Handler, release_socket
 from otabox.server.mqtt.outbox import Outbox, publish, session_key
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ class OtaBroker(Broker):
         except Exception:
             log.exception("unexpected error serving an MQTT connection")
         finally:
+            release_socket(writer)  # however the connection ended
             server.release_connection()
 
     async def _serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
