@@ -96,10 +96,10 @@ class WebhookService:
         return hook
 
     async def get(self, webhook_id: str) -> Webhook:
-        for hook in await self.store.list_webhooks():
-            if hook.id == webhook_id:
-                return hook
-        raise NotFound(f"webhook {webhook_id!r} not found")
+        hook = await self.store.get_webhook(webhook_id)
+        if hook is None:
+            raise NotFound(f"webhook {webhook_id!r} not found")
+        return hook
 
     async def delete(self, webhook_id: str) -> None:
         if not await self.store.delete_webhook(webhook_id):
@@ -176,8 +176,7 @@ class WebhookService:
     async def _send(self, d: Delivery) -> None:
         try:
             async with self._slots:
-                hooks = {h.id: h for h in await self.store.list_webhooks()}
-                hook = hooks.get(d.webhook_id)
+                hook = await self.store.get_webhook(d.webhook_id)
                 if hook is None:
                     return  # deleted meanwhile, with its deliveries
                 status, error = await self._post(hook, d.body.encode())

@@ -26,6 +26,10 @@ class WebhookSQL(StoreBase):
         found = await self._all("SELECT * FROM webhooks ORDER BY created_at")
         return [rows.webhook(r) for r in found]
 
+    async def get_webhook(self, webhook_id: str) -> Webhook | None:
+        r = await self._one("SELECT * FROM webhooks WHERE id = ?", (webhook_id,))
+        return None if r is None else rows.webhook(r)
+
     async def delete_webhook(self, webhook_id: str) -> bool:
         """The webhook and its delivery history; False when there was none."""
 
