@@ -80,6 +80,17 @@ RULES: tuple[Rule, ...] = (
     _rule("POST", UI + "/jobs/{id}/retry", "task.retry", OP),
     _rule("POST", UI + "/jobs/{id}/pause", "job.pause", OP),
     _rule("POST", UI + "/jobs/{id}/resume", "job.resume", OP),
+    _rule("POST", UI + "/users", "user.add", AD),
+    _rule("POST", UI + "/users/{name}/role", "user.update", AD),
+    _rule("POST", UI + "/users/{name}/delete", "user.remove", AD),
+    _rule("POST", UI + "/tokens", "token.create", VW),
+    _rule("POST", UI + "/tokens/{id}/revoke", "token.revoke", VW),
+    _rule("POST", UI + "/logout", "auth.sign-out", VW),
+    # Console pages only an admin may read.
+    _rule("GET", UI + "/users", "user.list", AD),
+    _rule("GET", UI + "/users/{name}/delete", "user.list", AD),
+    _rule("GET", UI + "/audit", "audit.read", AD),
+    _rule("GET", UI + "/audit/export", "audit.read", AD),
 )
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -87,7 +98,8 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 def rule_for(method: str, path: str) -> Rule:
     """The rule of a request; a read not in the table needs `viewer`, a write not in it `admin`."""
     for rule in RULES:
-        if rule.method == method and rule.pattern.match(path):
+        # HEAD is a GET without the body: the same rule.
+        if (rule.method == method or (method, rule.method) == ("HEAD", "GET")) and rule.pattern.match(path):
             return rule
     if method in READ_METHODS:
         return Rule(method, re.compile(""), "read", Role.VIEWER)

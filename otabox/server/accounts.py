@@ -87,6 +87,20 @@ class AccountService:
             return None
         return Principal(user.username, user.role)
 
+    async def recheck(self, who: Principal) -> Principal | None:
+        """`who` as things stand now, for a console session made at sign-in: None once the user is
+        removed or the token it signed in with is revoked or expired, else the user's current role."""
+        user = await self.store.get_user(who.username)
+        if user is None:
+            return None
+        if who.token_id is not None:
+            found = await self.store.get_token(who.token_id)
+            if found is None or found.revoked_at is not None:
+                return None
+            if found.expires_at is not None and found.expires_at <= time.time():
+                return None
+        return Principal(user.username, user.role, who.token_id)
+
     # ------------------------------------------------------------ users (admin)
 
     async def add_user(self, body: Mapping[str, Any]) -> tuple[User, str | None]:

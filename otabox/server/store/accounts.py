@@ -102,16 +102,10 @@ class AccountSQL(StoreBase):
     async def iter_audit(
         self, since: float | None, actor: str | None, action: str | None, batch: int = 5000
     ) -> AsyncIterator[AuditEntry]:
-        where, params = ["seq > ?"], [0.0]
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        if actor:
-            where.append("actor = ?")
-            params.append(actor)  # type: ignore[arg-type]
-        if action:
-            where.append("action = ?")
-            params.append(action)  # type: ignore[arg-type]
+        """Matching entries, oldest first, read in batches (memory stays flat however long the log)."""
+        where, params = _audit_filter(since, actor, action)
+        where.insert(0, "seq > ?")
+        params.insert(0, 0)
         while True:
             found = await self._all(
                 f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*params, batch)
@@ -121,6 +115,28 @@ class AccountSQL(StoreBase):
             if len(found) < batch:
                 return
             params[0] = found[-1]["seq"]
+
+    async def audit_page(
+        self, since: float | None, actor: str | None, action: str | None, limit: int, offset: int
+    ) -> tuple[list[AuditEntry], int]:
+        """One page of matching entries, newest first, and how many match in all."""
+        where, params = _audit_filter(since, actor, action)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        found = await self._all(
+            f"SELECT * FROM audit {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
+        total = await self._one(f"SELECT COUNT(*) AS n FROM audit {clause}", tuple(params))
+        return [_audit(r) for r in found], total["n"] if total else 0
+
+
+def _audit_filter(since: float | None, actor: str | None, action: str | None) -> tuple[list[str], list[object]]:
+    where: list[str] = []
+    params: list[object] = []
+    for clause, value in (("ts >= ?", since), ("actor = ?", actor or None), ("action = ?", action or None)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    return where, params
 
 
 __all__ = ["AccountSQL", "DuplicateError"]

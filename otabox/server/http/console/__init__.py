@@ -15,7 +15,15 @@ from aiohttp import web
 
 from otabox.errors import OtaboxError
 from otabox.models import Principal
-from otabox.server.http.console import sse, views_devices, views_firmware, views_jobs, views_main, views_new_job
+from otabox.server.http.console import (
+    sse,
+    views_accounts,
+    views_devices,
+    views_firmware,
+    views_jobs,
+    views_main,
+    views_new_job,
+)
 from otabox.server.http.console.render import (
     CONSOLE,
     SECURITY_HEADERS,
@@ -88,6 +96,14 @@ async def _guarded(request: web.Request, handler: Any) -> web.StreamResponse:
     c = console(request)
     # Event streams do not restart the idle clock: an open page alone does not keep a session alive.
     s = c.sessions.get(request.cookies.get(COOKIE), touch="text/event-stream" not in request.headers.get("Accept", ""))
+    if s is not None:
+        # As in the API, a removed user, a revoked token or a new role counts from the next request on.
+        now = await otabox(request).accounts.recheck(Principal(s.user, s.role, s.token_id))
+        if now is None:
+            c.sessions.drop(s.sid)
+            s = None
+        else:
+            s.role = now.role
     if s is None:
         if is_htmx(request):
             return web.Response(status=401, headers={"HX-Redirect": PREFIX + "/login"})
@@ -98,7 +114,7 @@ async def _guarded(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.method not in _SAFE_METHODS and (not _same_origin(request) or not s.csrf_ok(await _csrf_token(request))):
         return _error_page(request, 403, "The form was stale or came from another site; reload and try again.")
     # The same role rules and audit log as the API (otabox.server.access).
-    result = await guarded(request, handler, Principal(s.user, s.role))
+    result = await guarded(request, handler, Principal(s.user, s.role, s.token_id))
     return result
 
 
@@ -159,7 +175,7 @@ async def login(request: web.Request) -> web.Response:
         error = "That user name and password do not match." if username else "That token is not valid."
         return render(request, "login.html", {"next": nxt, "error": error})
     c.limiter.clear(address)
-    s = c.sessions.create(who.username, who.role)
+    s = c.sessions.create(who.username, who.role, who.token_id)
     log.info("console sign-in from %s", address)
     resp = see_other(nxt)
     resp.set_cookie(COOKIE, s.sid, httponly=True, samesite="Strict", path=PREFIX, secure=request.secure)
@@ -202,6 +218,7 @@ def setup(web_app: web.Application) -> None:
     views_firmware.add_routes(sub)
     views_new_job.add_routes(sub)
     views_jobs.add_routes(sub)
+    views_accounts.add_routes(sub)
     sse.add_routes(sub)
     web_app.add_subapp(PREFIX, sub)
     web_app.router.add_get("/", to_console)

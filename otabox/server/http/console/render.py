@@ -113,6 +113,15 @@ def _allowed(s: Session | None) -> Callable[[str], bool]:
     return allowed
 
 
+def _readable(s: Session | None) -> Callable[[str], bool]:
+    """`readable(path)` in templates: may this session open the page at `path` (a link shown only then)?"""
+
+    def readable(path: str) -> bool:
+        return s is not None and s.role.allows(access.rule_for("GET", path).role)
+
+    return readable
+
+
 def render(request: web.Request, name: str, ctx: dict[str, Any], status: int = 200) -> web.Response:
     """A full page: the template with the base context (session, CSRF token, flash messages, role)."""
     s: Session | None = request.get(SESSION)
@@ -124,6 +133,7 @@ def render(request: web.Request, name: str, ctx: dict[str, Any], status: int = 2
         "user": s.user if s else "",
         "role": s.role.value if s else "",
         "allowed": _allowed(s),
+        "readable": _readable(s),
     }
     resp = aiohttp_jinja2.render_template(name, request, {**base, **ctx}, status=status)
     resp.headers["Cache-Control"] = "no-store"

@@ -29,6 +29,7 @@ class Session:
     role: Role
     last_seen: float
     flash: list[str] = field(default_factory=list)
+    token_id: str | None = None  # the personal token it signed in with (revoking it ends the session)
 
     def take_flash(self) -> list[str]:
         out, self.flash = self.flash, []
@@ -48,14 +49,14 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def create(self, user: str, role: Role) -> Session:
+    def create(self, user: str, role: Role, token_id: str | None = None) -> Session:
         now = time.monotonic()
         if len(self._by_id) >= MAX_SESSIONS:
             self._prune(now)
             if len(self._by_id) >= MAX_SESSIONS:
                 oldest = min(self._by_id.values(), key=lambda s: s.last_seen)
                 del self._by_id[oldest.sid]
-        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), user, role, now)
+        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), user, role, now, token_id=token_id)
         self._by_id[session.sid] = session
         return session
 
