@@ -124,8 +124,8 @@ def task_events(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def job_events(events: pd.DataFrame, job_id: str | None = None) -> pd.DataFrame:
-    """What happened to jobs as a whole (paused, resumed, canceled, aborted, waveOpened, completed),
-    with who did it (`actor`: an operator, or "system" for the server's own rules)."""
+    """What happened to jobs as a whole (paused, resumed, canceled, aborted, waveOpened, completed,
+    firmwareVerified), with who did it (`actor`: an operator, or "system" for the server's own rules)."""
     if "kind" not in events:
         return events.iloc[0:0]
     rows = events[events["kind"].astype(str) == "job"]

@@ -95,6 +95,8 @@ class JobEvent(StrEnum):
     ABORTED = "aborted"
     WAVE_OPENED = "waveOpened"
     COMPLETED = "completed"
+    # A verify job's successes reached its firmware's minSuccessForVerified: the firmware is verified.
+    FIRMWARE_VERIFIED = "firmwareVerified"
 
 
 class Role(StrEnum):
@@ -120,18 +122,19 @@ class DeliveryStatus(StrEnum):
 
 # What a webhook can subscribe to: the job-level rows of the upgrade log as `job.<status>`, the
 # end of a task as `task.succeeded` or `task.failed` (failed, timeout or rolledBack: the
-# delivery's event says which).
+# delivery's event says which), and `firmware.verified` (a verify job's `firmwareVerified` row).
 WEBHOOK_EVENTS = (
-    *(f"job.{e.value}" for e in JobEvent),
+    *(f"job.{e.value}" for e in JobEvent if e != JobEvent.FIRMWARE_VERIFIED),
     "task.succeeded",
     "task.failed",
+    "firmware.verified",
 )
 
 
 def webhook_event(kind: str, status: str) -> str | None:
     """The webhook event type of an upgrade-log row (its `kind` and `status`), or None."""
     if kind == EventKind.JOB:
-        return f"job.{status}"
+        return "firmware.verified" if status == JobEvent.FIRMWARE_VERIFIED else f"job.{status}"
     if kind != EventKind.STATE:
         return None
     if status == TaskState.SUCCEEDED:

@@ -93,7 +93,8 @@ def test_coerce_types_every_column() -> None:
     frame = scenario()
     assert list(frame.columns) == list(analysis.SCHEMAS["events"])
     assert isinstance(frame["ts"].dtype, pd.DatetimeTZDtype) and str(frame["ts"].dtype.tz) == "UTC"
-    job_rows = ["paused", "resumed", "aborted", "waveOpened", "completed"]  # "canceled" is a task state too
+    # "canceled" is a task state too
+    job_rows = ["paused", "resumed", "aborted", "waveOpened", "completed", "firmwareVerified"]
     assert list(frame["status"].cat.categories) == [*analysis.TASK_STATUSES, *job_rows]
     assert analysis.TASK_STATUSES[-1] == "rolledBack"
     assert list(frame["kind"].cat.categories) == ["state", "progress", "job"]

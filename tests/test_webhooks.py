@@ -133,6 +133,43 @@ async def test_a_failing_receiver_is_retried_with_the_outcome_recorded(server: S
     await server.call("GET", f"/webhooks/{hook['id']}/deliveries", 404)
 
 
+async def test_firmware_verified_is_told_once_with_the_firmware_and_its_verify_job(
+    server: Server, receiver: Receiver
+) -> None:
+    hook = await subscribe(server, receiver.url + "/ok", ["firmware.verified", "job.completed"])
+    await server.product("pk1")
+    fw = await server.firmware("pk1", "2.0", b"\x03" * 1000, name="main", enableVerification="true")
+    devs = []
+    for dk in ("d1", "d2"):
+        secret = (await server.device(dk))["deviceSecret"]
+        devs.append(await Device(server, "pk1", dk, secret).connect("1.0"))
+    body = {"firmwareId": fw["id"], "type": "verify", "scope": {"deviceKeys": ["d1", "d2"]}}
+    job = await server.call("POST", "/jobs", 201, json=body)
+    for dev in devs:  # the first success verifies it (minSuccessForVerified 1); the second adds nothing
+        await dev.upgrade()
+    await wait_for(lambda: _true(sorted(receiver.types()) == ["firmware.verified", "job.completed"]))
+    got = next(json.loads(b) for _, b in receiver.got if json.loads(b)["type"] == "firmware.verified")
+    assert got["webhookId"] == hook["id"]
+    firmware = got["firmware"]
+    assert (firmware["id"], firmware["productKey"], firmware["name"], firmware["version"], firmware["status"]) == (
+        fw["id"], "pk1", "main", "2.0", "verified",
+    )  # fmt: skip
+    event = got["event"]
+    assert (event["jobId"], event["jobType"], event["kind"], event["status"]) == (
+        job["id"], "verify", "job", "firmwareVerified",
+    )  # fmt: skip
+    assert event["actor"] == "system" and event["desc"] == "main 2.0 verified: 1 device(s) succeeded, 1 needed"
+    assert (await server.call("GET", f"/firmware/{fw['id']}", 200))["status"] == "verified"
+    # One row in the upgrade log, though both devices succeeded, before the job completed.
+    log = [json.loads(line) for line in (await server.call("GET", f"/events?jobId={job['id']}")).decode().splitlines()]
+    assert [e["status"] for e in log if e["kind"] == "job"] == ["firmwareVerified", "completed"]
+    assert (await server.call("POST", "/webhooks", 400, json={
+        "url": receiver.url + "/ok", "events": ["job.firmwareVerified"], "secret": SECRET,
+    }))["error"]["code"] == "invalid"  # fmt: skip
+    for dev in devs:
+        await dev.close()
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [

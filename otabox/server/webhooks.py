@@ -153,10 +153,15 @@ class WebhookService:
             kind = webhook_event(ev.kind, ev.status)
             if kind is None:
                 continue
+            extra: dict[str, Any] = {}
+            if kind == "firmware.verified" and any(kind in hook.events for hook in hooks):
+                # The firmware as it is now (its name is not on the log row); null once deleted.
+                fw = await self.store.get_firmware(ev.firmware_id)
+                extra["firmware"] = present.firmware(fw) if fw else None
             for hook in hooks:
                 if kind in hook.events and ev.seq > hook.created_seq:
                     body = {"type": kind, "ts": iso(time.time()), "webhookId": hook.id, "event": present.event(ev)}
-                    items.append((hook.id, kind, json.dumps(body, ensure_ascii=False)))
+                    items.append((hook.id, kind, json.dumps(body | extra, ensure_ascii=False)))
         await self.store.enqueue_deliveries(items, events[-1].seq)
         if items:
             self._wake.set()

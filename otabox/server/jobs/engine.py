@@ -383,11 +383,12 @@ class JobEngine:
         if job.type != JobType.VERIFY:
             return
         fw = await self.store.get_firmware(job.firmware_id)
-        if (
-            fw
-            and fw.status != FirmwareStatus.VERIFIED
-            and await self.store.succeeded_count(job.id) >= fw.min_success_for_verified
-        ):
-            await self.store.set_firmware_status(fw.id, FirmwareStatus.VERIFIED)
+        if fw is None or fw.status == FirmwareStatus.VERIFIED:
+            return
+        succeeded = await self.store.succeeded_count(job.id)
+        if succeeded < fw.min_success_for_verified:
+            return
+        desc = f"{fw.name} {fw.version} verified: {succeeded} device(s) succeeded, {fw.min_success_for_verified} needed"
+        if await self.store.verify_firmware(fw.id, job.id, desc):
             self._firmware.pop(fw.id, None)
             log.info("firmware %s verified by job %s", fw.id, job.id)

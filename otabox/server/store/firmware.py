@@ -6,9 +6,10 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from otabox.models import Firmware, FirmwareStatus, Publisher
+from otabox.models import SYSTEM, Firmware, FirmwareStatus, JobEvent, Publisher
 from otabox.server.store import rows
 from otabox.server.store.base import DuplicateError, StoreBase
+from otabox.server.store.tasks import insert_job_event
 
 _INSERT = (
     "INSERT INTO firmware (id, product_key, name, version, desc, size, md5, sha256, sign_method,"
@@ -83,6 +84,22 @@ class FirmwareSQL(StoreBase):
 
     async def set_firmware_status(self, firmware_id: str, status: FirmwareStatus) -> None:
         await self._write("UPDATE firmware SET status = ? WHERE id = ?", (status, firmware_id))
+
+    async def verify_firmware(self, firmware_id: str, job_id: str, desc: str) -> bool:
+        """Mark firmware verified and write its verify job's `firmwareVerified` row of the upgrade
+        log (the webhook event `firmware.verified`), in one transaction: neither is seen without the
+        other. False, writing nothing, when it already was verified."""
+
+        def op(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                "UPDATE firmware SET status = ? WHERE id = ? AND status != ?",
+                (FirmwareStatus.VERIFIED, firmware_id, FirmwareStatus.VERIFIED),
+            ).rowcount
+            if changed:
+                insert_job_event(db, job_id, JobEvent.FIRMWARE_VERIFIED, SYSTEM, desc)
+            return bool(changed)
+
+        return await self.batched(op)
 
     # ------------------------------------------------------------ downloads
 
