@@ -173,6 +173,9 @@ def test_pages_are_clean_and_accessible(live: LiveServer, watch: PageWatch, axe_
         f"/ui/jobs/{job['id']}": "job",
         f"/ui/jobs/{job['id']}/cancel": None,
         "/ui/events": "events",
+        "/ui/tokens": None,
+        "/ui/users": None,
+        "/ui/audit": None,
     }
     problems = {}
     for path, shot in pages.items():
