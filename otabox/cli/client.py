@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import secrets
+import ssl
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -35,16 +36,20 @@ def discover_url(data_dir: str | None) -> str:
 class Client:
     """Management API client. Methods raise ApiError for error answers and OSError when unreachable."""
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, token: str | None, timeout: float = 30.0, context: ssl.SSLContext | None = None
+    ) -> None:
+        """`context`: TLS settings for an https URL (e.g. a pinned CA); None: the system's trusted CAs."""
         self.base = urllib.parse.urlsplit(base_url.rstrip("/"))
         self.token = token
         self.timeout = timeout
+        self.context = context
 
     def _conn(self) -> http.client.HTTPConnection:
         host = self.base.hostname or "127.0.0.1"
         port = self.base.port or (443 if self.base.scheme == "https" else 80)
         if self.base.scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout)
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.context)
         return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:

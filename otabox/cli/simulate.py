@@ -15,10 +15,16 @@ import logging
 import os
 import random
 import signal
+import ssl
 import sys
+import tempfile
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otabox.cli.client import Client
@@ -41,6 +47,9 @@ BEHAVIOURS = (
     "delta-broken",  # downloads the delta, fails to apply it, falls back to the full image, succeeds
 )
 IMPORT_BATCH = 5000  # devices per bulk-import request (keeps each JSON body well under 1 MiB)
+# Certificate requests in flight at once: enough to keep the server's signing busy, few enough
+# that a 10,000-device fleet does not crowd out the API for everyone else.
+CERT_CONCURRENCY = 8
 
 
 # ---------------------------------------------------------------- parsing
@@ -172,7 +181,20 @@ def register(sub: Any, api_parent: argparse.ArgumentParser) -> None:
     p.add_argument("--http-connections", type=int, default=256, help="downloads in flight at once [256]")
     p.add_argument("--keepalive", type=int, default=60, help="MQTT keep-alive seconds [60]")
     p.add_argument("--mqtt-host", help="broker host [the API URL's host]")
-    p.add_argument("--mqtt-port", type=int, help="broker port [from the server's /healthz]")
+    p.add_argument("--mqtt-port", type=int, help="broker port [from the server's /healthz, or ports.json with --tls]")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="connect to the server's MQTT-over-TLS port (mqtts)")
+    tls.add_argument(
+        "--ca", metavar="FILE", help="CA certificate (PEM) to pin [fetched from the server's /ca.pem]; implies --tls"
+    )
+    tls.add_argument(
+        "--client-certs",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="each device gets a certificate through the API and presents it (two-way TLS); implies --tls. "
+        "With DIR, certificates are kept there (<deviceKey>.pem, 0600) and reused on later runs",
+    )
     p.set_defaults(api_call=run_command)
 
 
@@ -180,16 +202,23 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
     """Prepare devices through the API, run the fleet, print the summary. Returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     limit = raise_open_files_limit()
+    host = args.mqtt_host or client.base.hostname or "127.0.0.1"
+    use_tls = args.tls or args.ca is not None or args.client_certs is not None
     try:
+        # The CA first: an https API URL is checked against it from the first request on.
+        tls = _tls_trust(args, client) if use_tls else None
         devices = _devices(args, client)
+        if tls is not None and args.client_certs is not None:
+            _client_certs(tls, args, client, [dk for dk, _, _ in devices])
+        port = args.mqtt_port or _mqtt_port(client, use_tls, args.data_dir)
+        if tls is not None:
+            probe_tls(host, port, tls.shared)
     except (ValueError, OSError) as exc:
         print(f"otabox simulate: {exc}", file=sys.stderr)
         return 2
     needed = len(devices) + args.http_connections + 64
     if limit and needed > limit:
         print(f"otabox simulate: warning: {needed} sockets may be needed, open-file limit is {limit}", file=sys.stderr)
-    host = args.mqtt_host or client.base.hostname or "127.0.0.1"
-    port = args.mqtt_port or _mqtt_port(client)
     behaviours = assign(len(devices), args.mix, args.seed)
     from otabox.sim.fleet import Fleet, FleetConfig
 
@@ -210,9 +239,12 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
         seed=args.seed,
         live=sys.stderr.isatty() and not args.json,
         until_stopped=bool(args.job),
+        tls=tls.shared if tls else None,
     )
-    fleet = Fleet(config, [(dk, s, v, b) for (dk, s, v), b in zip(devices, behaviours, strict=True)])
+    rows = [(dk, s, v, b) for (dk, s, v), b in zip(devices, behaviours, strict=True)]
+    fleet = Fleet(config, rows, tls.per_device if tls else None)
     summary = _run(fleet, client, args.job)
+    summary["transport"] = tls.describe() if tls else {"tls": False}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -328,10 +360,173 @@ def _tags(values: Sequence[str] | None) -> dict[str, str]:
     return dict(parse_tag(v) for v in values or [])
 
 
-def _mqtt_port(client: Client) -> int:
+def _mqtt_port(client: Client, tls: bool = False, data_dir: str | None = None) -> int:
+    """The broker's port: plain from /healthz; with `tls` the mqtts port, from /healthz when it tells
+    it, else from the ports.json of the server at the API URL (--data-dir). Raises ValueError."""
     url = urllib.parse.urlunsplit(client.base._replace(path=client.base.path + "/healthz"))
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return int(json.loads(resp.read())["mqttPort"])
+    with urllib.request.urlopen(url, timeout=10, context=client.context) as resp:
+        health = json.loads(resp.read())
+    if not tls:
+        return int(health["mqttPort"])
+    port = health.get("mqttsPort")
+    if isinstance(port, int) and port > 0:
+        return port
+    ports = _ports_json(data_dir)
+    served = {ports.get("http"), ports.get("https")}
+    if isinstance(ports.get("mqtts"), int) and (client.base.port or 80) in served:
+        return int(ports["mqtts"])
+    raise ValueError(
+        "cannot tell the server's MQTT-over-TLS port; give --mqtt-port (or --data-dir of the server), "
+        "and check that it runs with --tls-self-signed or --tls-cert"
+    )
+
+
+def _ports_json(data_dir: str | None) -> dict[str, Any]:
+    path = Path(data_dir or os.environ.get("OTABOX_DATA_DIR", "./otabox-data")) / "ports.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- TLS
+
+
+class TLSSetup:
+    """What the fleet connects with: one context pinning the CA, and one per device with its certificate."""
+
+    def __init__(self, shared: ssl.SSLContext, ca_source: str, ca_pem: str) -> None:
+        self.shared = shared
+        self.ca_source = ca_source
+        self.ca_pem = ca_pem
+        self.per_device: dict[str, ssl.SSLContext] = {}
+        self.issued = 0
+        self.reused = 0
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tls": True, "ca": self.ca_source, "clientCertificates": bool(self.per_device)}
+        if self.per_device:
+            out |= {"certificatesIssued": self.issued, "certificatesReused": self.reused}
+        return out
+
+
+def _tls_trust(args: argparse.Namespace, client: Client) -> TLSSetup:
+    """The pinned CA: --ca, else the server's /ca.pem. Raises ValueError / OSError for people."""
+    from otabox.device.tls import make_tls_context
+
+    if args.ca is not None:
+        ca_pem = Path(args.ca).read_text(encoding="utf-8")
+        source = args.ca
+    else:
+        ca_pem = fetch_ca_pem(client)
+        source = client.base.geturl() + "/ca.pem"
+    try:
+        shared = make_tls_context(ca_pem=ca_pem)
+    except ssl.SSLError as exc:
+        raise ValueError(f"{source} is not a PEM CA certificate: {exc}") from None
+    if client.base.scheme == "https" and client.context is None:
+        client.context = shared  # the API on HTTPS is checked against the same CA
+    return TLSSetup(shared, source, ca_pem)
+
+
+def _client_certs(tls: TLSSetup, args: argparse.Namespace, client: Client, keys: list[str]) -> None:
+    """--client-certs: every device's certificate (issued or reused), loaded into its own context."""
+    from otabox.device.tls import make_tls_context
+
+    started = time.monotonic()
+    folder = Path(args.client_certs) if args.client_certs else None
+    files, tls.issued, tls.reused = issue_certificates(client, args.product, keys, folder)
+    try:
+        tls.per_device = {dk: make_tls_context(ca_pem=tls.ca_pem, cert_file=path) for dk, path in files.items()}
+    finally:
+        if folder is None:  # a temporary folder: the keys live in memory only from here on
+            for path in files.values():
+                path.unlink(missing_ok=True)
+            if files:
+                next(iter(files.values())).parent.rmdir()
+    if not args.json:
+        print(
+            f"device certificates: {tls.issued} issued, {tls.reused} reused ({time.monotonic() - started:.1f}s)",
+            file=sys.stderr,
+        )
+
+
+def fetch_ca_pem(client: Client) -> str:
+    """The server's CA certificate from `/ca.pem` at the API URL's root. Raises ValueError for people."""
+    url = urllib.parse.urlunsplit(client.base._replace(path=client.base.path + "/ca.pem"))
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=client.context) as resp:
+            pem: str = resp.read().decode("ascii", errors="replace")
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"{url}: HTTP {exc.code}; does the server run with TLS? or give --ca FILE") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            raise ValueError(
+                f"{url}: {exc.reason}; give the server's CA with --ca FILE (`otabox ca show` on the server)"
+            ) from None
+        raise
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError(f"{url} did not answer with a PEM certificate; give --ca FILE")
+    return pem
+
+
+def issue_certificates(
+    client: Client,
+    product_key: str,
+    keys: Sequence[str],
+    folder: Path | None = None,
+    concurrency: int = CERT_CONCURRENCY,
+) -> tuple[dict[str, Path], int, int]:
+    """A certificate and key per device, as one PEM file each: (files by deviceKey, issued, reused).
+
+    Files already in `folder` (`<deviceKey>.pem`) are reused; the others are issued through
+    `POST /products/{pk}/devices/{dk}/certificates` (otabox makes the key), `concurrency` requests
+    at a time, and written there 0600. Without `folder` they go to a private temporary folder the
+    caller removes. Raises otabox.cli.client.ApiError (e.g. a role that may not issue certificates).
+    """
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="otabox-sim-certs-"))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+    files = {dk: folder / f"{_safe_name(dk)}.pem" for dk in keys}
+    missing = [dk for dk, path in files.items() if not path.exists()]
+
+    def issue(dk: str) -> None:
+        quoted = urllib.parse.quote(dk, safe="")
+        got = client.post(f"/products/{urllib.parse.quote(product_key, safe='')}/devices/{quoted}/certificates", {})
+        fd = os.open(files[dk], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(got["certificate"].rstrip("\n") + "\n" + got["privateKey"].rstrip("\n") + "\n")
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="otabox-cert") as pool:
+        # list(): the first failure is raised here, after the others in flight have finished.
+        list(pool.map(issue, missing))
+    return files, len(missing), len(files) - len(missing)
+
+
+def _safe_name(device_key: str) -> str:
+    """A file name for a deviceKey (they may hold characters a file name must not)."""
+    return urllib.parse.quote(device_key, safe="-_.") or "_"
+
+
+def probe_tls(host: str, port: int, context: ssl.SSLContext, timeout: float = 10.0) -> None:
+    """One TLS handshake with the broker before the fleet starts, so a wrong CA or port is one clear error."""
+    import socket
+
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            pass
+    except ssl.SSLCertVerificationError as exc:
+        raise ValueError(
+            f"TLS to {host}:{port}: {exc.verify_message}; is the CA the server's, and {host!r} a name in its "
+            "certificate (--mqtt-host)?"
+        ) from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS to {host}:{port} failed: {exc}; is {port} the server's mqtts port?") from None
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -358,4 +553,8 @@ def format_summary(s: dict[str, Any]) -> str:
     )
     if s.get("connectSeconds") is not None:
         lines.append(f"all {s['devices']} devices logged in within {s['connectSeconds']:.1f}s")
+    t = s.get("transport") or {}
+    if t.get("tls"):
+        how = "TLS with a device certificate each" if t.get("clientCertificates") else "TLS"
+        lines.append(f"transport: {how}; CA pinned from {t['ca']}")
     return "\n".join(lines)

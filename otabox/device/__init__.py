@@ -46,6 +46,7 @@ from otabox.device.download import (
     load_public_key,
     to_file,
 )
+from otabox.device.tls import fetch_ca, make_tls_context
 
 __all__ = [
     "Decision",
@@ -60,7 +61,9 @@ __all__ = [
     "RequestFailed",
     "UpgradeFailed",
     "VerificationFailed",
+    "fetch_ca",
     "fetch_signing_key",
+    "make_tls_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,11 @@ class Device:
         signing_key: str | bytes | None = None,
     ) -> None:
         """Validate settings; nothing connects until `start()`.
+
+        `tls_context` turns on TLS: connect to the server's MQTT-over-TLS port (8883 by default)
+        with a context from `make_tls_context` (the pinned CA, and the device certificate and key
+        for two-way TLS). The SDK's own HTTP session uses it too, so https fileUrls are checked
+        against the same CA.
 
         `signing_key` is the server's Ed25519 public key (`publicKey` or `pem` of
         `GET /api/v1/signing-key`, see `fetch_signing_key`): with it, `download` accepts only files
@@ -644,7 +652,11 @@ class Device:
 
     async def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
+            # With TLS, https fileUrls are verified against the same pinned CA as MQTT.
+            connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
+            self._http = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=30)
+            )
             self._own_http = True
         return self._http
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import sys
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from otabox import protocol
+from otabox.device.mqtt import small_tls_buffers
 from otabox.sim.simdevice import (
     FAILED,
     OUTCOMES,
@@ -62,17 +64,30 @@ class FleetConfig:
     until_stopped: bool = False
     seed: int | None = None
     live: bool = False
+    # MQTT over TLS: the context (pinned CA) every device connects with, unless it has its own
+    # (a device certificate, `Fleet(..., tls_by_device=)`); also checks https fileUrls.
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None  # the name the server certificate is checked against [host]
 
 
 class Fleet:
     """Runs devices until every one reached a terminal outcome, `duration` passed, or `stop()`."""
 
-    def __init__(self, config: FleetConfig, devices: list[tuple[str, str, str, str]]) -> None:
-        """`devices`: (deviceKey, deviceSecret, version, behaviour) tuples."""
+    def __init__(
+        self,
+        config: FleetConfig,
+        devices: list[tuple[str, str, str, str]],
+        tls_by_device: dict[str, ssl.SSLContext] | None = None,
+    ) -> None:
+        """`devices`: (deviceKey, deviceSecret, version, behaviour) tuples. `tls_by_device`: a TLS
+        context per deviceKey (its device certificate) for those that present one."""
         self.config = config
         self.rng = random.Random(config.seed)
         self.timestamp = str(time.time() * 1000)
-        self.devices = [SimDevice(self, dk, secret, version, b) for dk, secret, version, b in devices]
+        own = tls_by_device or {}
+        self.devices = [
+            SimDevice(self, dk, secret, version, b, own.get(dk, config.tls)) for dk, secret, version, b in devices
+        ]
         self.counts: Counter[str] = Counter({WAITING: len(self.devices)})
         self.remaining = len(self.devices)
         self.connected = 0
@@ -126,8 +141,14 @@ class Fleet:
     async def run(self) -> dict[str, Any]:
         """Connect every device, serve offers until done, disconnect; return the summary."""
         cfg = self.config
+        if any(d.tls is not None for d in self.devices):
+            small_tls_buffers()  # 16 KiB per TLS connection instead of asyncio's 256 KiB
         self.started = time.monotonic()
-        connector = aiohttp.TCPConnector(limit=cfg.http_connections, limit_per_host=cfg.http_connections)
+        connector = aiohttp.TCPConnector(
+            limit=cfg.http_connections,
+            limit_per_host=cfg.http_connections,
+            ssl=cfg.tls if cfg.tls is not None else True,  # https fileUrls: the pinned CA
+        )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as self.http:
             helpers = [asyncio.create_task(self._connect_all())]

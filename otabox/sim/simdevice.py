@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -75,12 +76,16 @@ class SimDevice:
         "reply",
         "secret",
         "timer",
+        "tls",
         "version",
         "want_offline",
     )
 
-    def __init__(self, fleet: Fleet, key: str, secret: str, version: str, behaviour: str) -> None:
+    def __init__(
+        self, fleet: Fleet, key: str, secret: str, version: str, behaviour: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.fleet = fleet
+        self.tls = tls  # MQTT over TLS (shared, or this device's own with its certificate); None: plain TCP
         self.key = key
         self.secret = secret
         self.version = version
@@ -108,6 +113,8 @@ class SimDevice:
                 f"{self.key}&{cfg.product_key}",
                 password,
                 keepalive=cfg.keepalive,
+                tls=self.tls,
+                server_hostname=cfg.server_hostname,
             )
         except ConnectRefused as exc:
             log.warning("%s: login refused: %s", self.key, exc)

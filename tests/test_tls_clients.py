@@ -1,0 +1,305 @@
+"""TLS on the device side: the SDK's context builder, the simulator's MQTT client and `otabox simulate --tls`.
+
+The first part runs against a stand-in broker on a local `ssl` listener (certificates made here
+with `cryptography`, ECDSA P-256 as otabox's own CA makes them): what the client sends and checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from otabox import protocol
+from otabox.device import Device, make_tls_context
+from otabox.device.mqtt import MQTTLiteClient
+
+# ---------------------------------------------------------------- certificates
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+@dataclass
+class Pki:
+    """A CA, a server certificate for 127.0.0.1/localhost and a device certificate, as PEM text and files."""
+
+    folder: Path
+    ca_key: ec.EllipticCurvePrivateKey
+    ca: x509.Certificate
+    files: dict[str, Path] = field(default_factory=dict)
+    pems: dict[str, str] = field(default_factory=dict)
+
+    def issue(self, name: str, cn: str, *, server: bool = False, hosts: tuple[str, ...] = ()) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        )
+        if hosts:
+            alt: list[x509.GeneralName] = []
+            for h in hosts:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+                except ValueError:
+                    alt.append(x509.DNSName(h))
+            b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        cert = b.sign(self.ca_key, hashes.SHA256())
+        self.pems[name] = _pem(cert)
+        self.pems[name + ".key"] = _key_pem(key)
+        for suffix, text in ((".pem", self.pems[name]), (".key", self.pems[name + ".key"])):
+            path = self.folder / (name + suffix)
+            path.write_text(text)
+            self.files[name + suffix] = path
+
+
+def make_pki(folder: Path, cn: str = "test CA") -> Pki:
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),  # keyCertSign, cRLSign
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pki = Pki(folder, key, ca)
+    (folder / "ca.pem").write_text(_pem(ca))
+    pki.files["ca.pem"] = folder / "ca.pem"
+    pki.pems["ca"] = _pem(ca)
+    pki.issue("server", "otabox test server", server=True, hosts=("127.0.0.1", "localhost"))
+    pki.issue("device", "d1&pk1")
+    return pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+# ---------------------------------------------------------------- a stand-in broker on TLS
+
+
+@dataclass
+class Login:
+    client_id: str
+    username: str
+    peer_cn: str | None
+    version: str
+
+
+class TLSBroker:
+    """Accepts TLS (1.2+, client certificate optional but verified), answers CONNECT with CONNACK 0 and
+    QoS 1 PUBLISH with PUBACK; records each login and whose certificate came with it."""
+
+    def __init__(self, pki: Pki, require_cert: bool = False) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(pki.files["server.pem"], pki.files["server.key"])
+        ctx.load_verify_locations(cafile=str(pki.files["ca.pem"]))
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_cert else ssl.CERT_OPTIONAL
+        self.ctx = ctx
+        self.logins: list[Login] = []
+        self.published: list[str] = []
+        self.got_publish = asyncio.Event()
+        self.handshake_errors = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> TLSBroker:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        for w in self._conns:
+            w.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
+        try:
+            await self._session(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            self._conns.discard(writer)
+            writer.transport.abort()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peercert")
+        cn = None
+        if peer:
+            cn = next(v for rdn in peer["subject"] for k, v in rdn if k == "commonName")
+        version = writer.get_extra_info("ssl_object").version()
+        while True:
+            first, body = await _read_packet(reader)
+            kind = first & 0xF0
+            if kind == 0x10:  # CONNECT
+                pos = 10  # protocol name (6), level (1), flags (1), keepalive (2)
+                fields = []
+                for _ in range(2):
+                    (n,) = struct.unpack_from("!H", body, pos)
+                    fields.append(body[pos + 2 : pos + 2 + n].decode())
+                    pos += 2 + n
+                self.logins.append(Login(fields[0], fields[1], cn, version))
+                writer.write(b"\x20\x02\x00\x00")
+            elif kind == 0x30:  # PUBLISH
+                (tlen,) = struct.unpack_from("!H", body, 0)
+                self.published.append(body[2 : 2 + tlen].decode())
+                self.got_publish.set()
+                if (first >> 1) & 3 == 1:
+                    writer.write(b"\x40\x02" + body[2 + tlen : 4 + tlen])
+            elif kind == 0xC0:  # PINGREQ
+                writer.write(b"\xd0\x00")
+            elif kind == 0xE0:  # DISCONNECT
+                return
+            await writer.drain()
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readexactly(2)
+    length, shift, b = head[1] & 0x7F, 7, head[1]
+    while b & 0x80:
+        b = (await reader.readexactly(1))[0]
+        length |= (b & 0x7F) << shift
+        shift += 7
+    return head[0], await reader.readexactly(length) if length else b""
+
+
+@pytest.fixture
+async def broker(pki: Pki) -> AsyncIterator[TLSBroker]:
+    b = await TLSBroker(pki).start()
+    yield b
+    await b.stop()
+
+
+# ---------------------------------------------------------------- make_tls_context
+
+
+def test_context_is_tls12_or_later_verifies_and_pins(pki: Pki) -> None:
+    ctx = make_tls_context(pki.files["ca.pem"])
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "test CA"),),)]  # only the pinned CA
+    assert len(make_tls_context(ca_pem=pki.pems["ca"]).get_ca_certs()) == 1
+    assert not make_tls_context(pki.files["ca.pem"], check_hostname=False).check_hostname
+    for bad in (
+        {"cert_pem": pki.pems["device"]},
+        {"key_pem": pki.pems["device.key"]},
+        {"key_file": pki.files["device.key"]},
+        {"cert_file": pki.files["device.pem"], "cert_pem": pki.pems["device"], "key_pem": pki.pems["device.key"]},
+    ):
+        with pytest.raises(ValueError):
+            make_tls_context(pki.files["ca.pem"], **bad)
+    with pytest.raises(ssl.SSLError):  # a key that is not the certificate's
+        make_tls_context(cert_file=pki.files["device.pem"], key_file=pki.files["server.key"])
+
+
+async def test_mqttlite_over_tls_with_pinned_ca_and_client_certificate(pki: Pki, broker: TLSBroker) -> None:
+    client = MQTTLiteClient()
+    await client.connect("127.0.0.1", broker.port, "c1", "d0&pk1", "pw", tls=make_tls_context(pki.files["ca.pem"]))
+    await client.publish("/sys/pk1/d0/x", b"{}", qos=1)
+    await client.disconnect()
+    # Its certificate, from files or from PEM text (as the certificates API returns it).
+    for ctx in (
+        make_tls_context(pki.files["ca.pem"], cert_file=pki.files["device.pem"], key_file=pki.files["device.key"]),
+        make_tls_context(ca_pem=pki.pems["ca"], cert_pem=pki.pems["device"], key_pem=pki.pems["device.key"]),
+    ):
+        client = MQTTLiteClient()
+        await client.connect("localhost", broker.port, "c2", "d1&pk1", "pw", tls=ctx)
+        client.close()
+    await asyncio.sleep(0.05)
+    assert [(lg.username, lg.peer_cn) for lg in broker.logins] == [("d0&pk1", None), *[("d1&pk1", "d1&pk1")] * 2]
+    assert broker.published == ["/sys/pk1/d0/x"]
+    assert all(lg.version in ("TLSv1.2", "TLSv1.3") for lg in broker.logins)
+
+
+async def test_mqttlite_refuses_a_server_it_cannot_verify(pki: Pki, broker: TLSBroker, tmp_path: Path) -> None:
+    other = make_pki(tmp_path / "other", "someone else's CA")
+    for ctx, name in (
+        (make_tls_context(other.files["ca.pem"]), "127.0.0.1"),  # not our CA
+        (make_tls_context(pki.files["ca.pem"]), "127.0.0.2"),  # an address the certificate does not hold
+        (make_tls_context(pki.files["ca.pem"]), "ota.example.com"),  # a name it does not hold
+        (make_tls_context(), "127.0.0.1"),  # the system's CAs do not know a private CA
+    ):
+        client = MQTTLiteClient()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await client.connect("127.0.0.1", broker.port, "c", "d&pk", "pw", tls=ctx, server_hostname=name)
+        assert not client.connected
+    # Turning the name check off still checks the chain.
+    client = MQTTLiteClient()
+    await client.connect(
+        "127.0.0.1", broker.port, "c", "d&pk", "pw", tls=make_tls_context(pki.files["ca.pem"], check_hostname=False),
+        server_hostname="not-in-the-cert.example",
+    )  # fmt: skip
+    client.close()
+    assert len(broker.logins) == 1
+
+
+async def test_server_requiring_a_certificate_refuses_a_client_without_one(pki: Pki) -> None:
+    strict = await TLSBroker(pki, require_cert=True).start()
+    try:
+        client = MQTTLiteClient()
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await client.connect("127.0.0.1", strict.port, "c", "d&pk", "pw", tls=make_tls_context(pki.files["ca.pem"]))
+        with_cert = make_tls_context(
+            pki.files["ca.pem"], cert_file=pki.files["device.pem"], key_file=pki.files["device.key"]
+        )
+        await client.connect("127.0.0.1", strict.port, "c", "d1&pk1", "pw", tls=with_cert)
+        client.close()
+        assert [lg.peer_cn for lg in strict.logins] == ["d1&pk1"]
+    finally:
+        await strict.stop()
+
+
+async def test_sdk_device_connects_over_tls_with_its_certificate(pki: Pki, broker: TLSBroker) -> None:
+    ctx = make_tls_context(ca_pem=pki.pems["ca"], cert_pem=pki.pems["device"], key_pem=pki.pems["device.key"])
+    device = Device("127.0.0.1", broker.port, "pk1", "d1", "secret", version="1.0.0", tls_context=ctx)
+    async with device:
+        assert device.connected
+        # The version report on connect goes out on the TLS connection (the stand-in does not reply).
+        await asyncio.wait_for(broker.got_publish.wait(), 10)
+    assert broker.published[0] == protocol.topic_for("pk1", "d1", protocol.INFORM)
+    assert broker.logins[0].peer_cn == "d1&pk1" and broker.logins[0].username == "d1&pk1"
