@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -27,11 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 class Dev:
     """One benchmark device: an mqttlite connection that records pushes and awaits replies."""
 
-    __slots__ = ("client", "connected_at", "ids", "key", "pushed_at", "secret", "waiter")
+    __slots__ = ("client", "connected_at", "ids", "key", "pushed_at", "secret", "tls", "waiter")
 
     def __init__(self, key: str, secret: str) -> None:
         self.key = key
         self.secret = secret
+        self.tls: ssl.SSLContext | None = None  # its own TLS context (a device certificate), if it has one
         self.client = MQTTLiteClient(self.on_message)
         self.connected_at = 0.0
         self.pushed_at = 0.0  # monotonic time of the first message on its own upgrade topic
@@ -52,8 +54,11 @@ class Dev:
             if isinstance(data, dict) and str(data.get("id")) == w[1]:
                 w[2].set_result(data)
 
-    async def connect(self, host: str, port: int, pk: str, ts: str, timeout: float = 30.0) -> None:
-        """Log in as an EnOS device (secure mode 2, hmacsha256); raises on refusal or failure."""
+    async def connect(
+        self, host: str, port: int, pk: str, ts: str, timeout: float = 30.0, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Log in as an EnOS device (secure mode 2, hmacsha256), over TLS with `tls` (or its own
+        context when it has one); raises on refusal or failure."""
         password = protocol.sign(protocol.login_params(self.key, pk, ts), self.secret, "hmacsha256")
         await self.client.connect(
             host,
@@ -63,6 +68,7 @@ class Dev:
             password,
             keepalive=300,
             timeout=timeout,
+            tls=self.tls or tls,
         )
         self.connected_at = time.monotonic()
 
@@ -108,14 +114,24 @@ async def bounded(aw: Awaitable[Any], timeout: float) -> bool:
 
 
 async def storm(
-    devs: Sequence[Dev], host: str, port: int, pk: str, ts: str, concurrency: int, timeout: float
+    devs: Sequence[Dev],
+    host: str,
+    port: int,
+    pk: str,
+    ts: str,
+    concurrency: int,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
-    """Connect every device, `concurrency` logins in flight; time from the first connect to the last CONNACK."""
+    """Connect every device, `concurrency` logins in flight; time from the first connect to the last CONNACK.
+
+    With `tls` (or a device's own context) each login is a full TLS handshake first: no session
+    resumption, as a fleet that lost its server (or a freshly started one) would connect."""
     failures: list[str] = []
 
     async def one(dev: Dev) -> None:
         try:
-            await dev.connect(host, port, pk, ts)
+            await dev.connect(host, port, pk, ts, tls=tls)
         except (OSError, TimeoutError, MQTTLiteError) as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
 

@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import secrets
+import ssl
 import statistics
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ import aiohttp
 from bench import clients
 from bench.clients import Dev
 from bench.harness import MB, PK, RTT_PK, TARGETS, Monitor, Run, log, repeated_storm, set_rtt
-from bench.servers import start_otabox
+from bench.servers import StartError, start_otabox
 from otabox import protocol
+from otabox.device.mqtt import small_tls_buffers
+from otabox.device.tls import make_tls_context
 
 # ---------------------------------------------------------------- the management API
 
@@ -49,6 +52,13 @@ class Api:
             if resp.status >= 300:
                 raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {body[:300]!r}")
             return json.loads(body) if body else None
+
+    async def get_text(self, path: str) -> str:
+        """A page at the server's root (e.g. /ca.pem), as text."""
+        async with self.http.get(self.base + path, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"GET {path}: HTTP {resp.status}")
+            return await resp.text()
 
     async def healthz(self) -> dict[str, Any]:
         async with self.http.get(self.base + "/healthz", timeout=aiohttp.ClientTimeout(total=30)) as resp:
@@ -105,7 +115,18 @@ async def bench_otabox(run: Run) -> None:
     plan, only = run.plan, run.only
     token = "bench-" + secrets.token_hex(12)
     log("starting otabox")
-    proc, http_port, mqtt_port = start_otabox(run.work, token, run.args.server_log_level)
+    tls_figures = only & {"tls", "mtls"}
+    try:
+        proc, http_port, mqtt_port = start_otabox(run.work, token, run.args.server_log_level, tls=bool(tls_figures))
+    except StartError as exc:
+        if not tls_figures or "--tls-self-signed" not in str(exc):
+            raise
+        # An otabox from before its TLS listener (benchmarking an older commit): the rest still runs.
+        log("  this otabox has no --tls-self-signed: the TLS figures are skipped")
+        run.detail("tls", skipped="the server has no --tls-self-signed")
+        only -= tls_figures
+        tls_figures = set()
+        proc, http_port, mqtt_port = start_otabox(run.work, token, run.args.server_log_level)
     run.procs.append(proc)
     profile = Path(run.args.profile) if run.args.profile else None
     mon = Monitor(proc, profile)
@@ -135,6 +156,9 @@ async def bench_otabox(run: Run) -> None:
             devs = [Dev(k, secret[k]) for k in keys]
             if only & {"storm", "rss", "push", "progress"}:
                 await otabox_devices(run, api, mon, devs, host, mqtt_port, ts, fw_push)
+            plain_peak = max(proc.hwm(), mon.peak)
+            if tls_figures:
+                await otabox_tls(run, api, mon, devs, host, proc.ports["mqtts"], ts)
             if "rollout" in only:
                 await otabox_rollout(run, api, mon, keys, secret, host, mqtt_port, fw_roll)
             if only & {"download", "rtt"}:
@@ -143,9 +167,14 @@ async def bench_otabox(run: Run) -> None:
             peak = max(proc.hwm(), mon.peak)
             run.detail("otabox", peakRssMB=round(peak / MB, 1), phases=mon.phases)
             if "rss" in only:
-                run.row("rss_peak", "server peak RSS over the run", "MB", "lower", TARGETS["rss"]).otabox = round(
-                    peak / MB, 1
-                )
+                row = run.row("rss_peak", "server peak RSS over the run", "MB", "lower", TARGETS["rss"])
+                row.otabox = round(peak / MB, 1)
+                tls_peak = run.details.get("tls", {}).get("peakRssMB")
+                if tls_figures and tls_peak and tls_peak * MB >= plain_peak:
+                    row.note = (
+                        f"the TLS storms' {tls_peak:.0f} MB included; before them {plain_peak / MB:.0f} MB"
+                        " (rollout and downloads come after)"
+                    )
     finally:
         await mon.stop()
         log("stopping otabox")
@@ -265,6 +294,113 @@ async def otabox_devices(
     log("  canceling the push job, disconnecting")
     await api.call("POST", f"/jobs/{job['id']}/cancel")
     await clients.disconnect_all(devs)
+
+
+async def otabox_tls(run: Run, api: Api, mon: Monitor, devs: list[Dev], host: str, port: int, ts: str) -> None:
+    """The connect storm again over TLS (the CA pinned from /ca.pem), and with `mtls` once more with a
+    device certificate each (issued through the API first); each against the plain storm of this run."""
+    plan, n = run.plan, len(devs)
+    small_tls_buffers()  # 16 KiB per connection instead of asyncio's 256 KiB (otabox.device.mqtt)
+    ca_pem = (await api.get_text("/ca.pem")).strip()
+    shared = make_tls_context(ca_pem=ca_pem)
+    plain = run.rows.get("storm")
+    plain_s = plain.otabox if plain is not None else None
+    plain_rss = run.details.get("rss", {}).get("connectedRssMB")
+    peak = 0.0
+    settle = lambda: wait_connected(api, 0, 60)  # noqa: E731
+
+    if "tls" in run.only:
+        await settle()
+        log(f"storm over TLS: {n} devices, {plan.connect_concurrency} in flight, {plan.storm_repeats} time(s)")
+        st = await repeated_storm(run, mon, devs, host, port, ts, settle, tls=shared, phase="storm-tls")
+        rss = mon.proc.rss()
+        peak = max(peak, st["phase"]["serverRssPeakMB"])
+        st["tlsVersion"] = _tls_version(devs)
+        run.detail("stormTls", **st, connectedRssMB=round(rss / MB, 1))
+        _ratio_row(run, "storm_tls", f"connect storm over TLS, {n} devices", "s", st, plain_s)
+        if st["complete"]:
+            r = run.row("rss_tls", f"server RSS, {st['connected']} connected over TLS", "MB", "lower")
+            r.otabox, r.reference, r.ref_name = round(rss / MB, 1), plain_rss, "plain TCP, same run"
+        await clients.disconnect_all(devs)
+
+    if "mtls" in run.only:
+        log(f"device certificates: issuing {n} through the API, 8 requests in flight")
+        async with mon.phase("certificates") as ph:
+            t0 = time.monotonic()
+            issued = await issue_certificates(api, [d.key for d in devs], 8, run.bound(600))
+            issue_s = time.monotonic() - t0
+        rate = len(issued) / issue_s if issue_s > 0 else 0.0
+        log(f"  {len(issued)}/{n} issued in {issue_s:.1f}s ({rate:.0f}/s)")
+        run.detail("certificates", issued=len(issued), seconds=round(issue_s, 2), perSecond=round(rate, 1), phase=ph)
+        r = run.row(
+            "certificates", "device certificates issued (server makes the key), 8 in flight", "certs/s", "higher"
+        )
+        r.otabox = round(rate, 1) if len(issued) == n else None
+        if len(issued) < n:
+            r.note = f"only {len(issued)}/{n} within the time bound"
+        t0 = time.monotonic()
+        for dev in devs:
+            pair = issued.get(dev.key)
+            if pair is not None:
+                dev.tls = make_tls_context(ca_pem=ca_pem, cert_pem=pair[0], key_pem=pair[1])
+        contexts_s = time.monotonic() - t0
+        with_cert = [d for d in devs if d.tls is not None]
+        await settle()
+        log(f"storm over two-way TLS: {len(with_cert)} devices with their certificates")
+        st = await repeated_storm(run, mon, with_cert, host, port, ts, settle, phase="storm-mtls")
+        peak = max(peak, st["phase"]["serverRssPeakMB"])
+        run.detail(
+            "stormMtls", **st, clientContextSeconds=round(contexts_s, 2), connectedRssMB=round(mon.proc.rss() / MB, 1)
+        )
+        _ratio_row(run, "storm_mtls", f"connect storm over two-way TLS, {len(with_cert)} devices", "s", st, plain_s)
+        await clients.disconnect_all(devs)
+        for dev in devs:
+            dev.tls = None
+    run.detail("tls", peakRssMB=peak)
+    await settle()
+
+
+def _ratio_row(run: Run, key: str, name: str, unit: str, st: dict[str, Any], plain: float | None) -> None:
+    """The storm's row against the plain storm, and the server's CPU per login against the plain one's
+    (what the handshakes cost the server, whatever the load generator managed)."""
+    r = run.row(key, name, unit, "lower")
+    r.otabox = st["seconds"] if st["complete"] else None
+    r.reference, r.ref_name = plain, "plain TCP, same run"
+    if not st["complete"]:
+        r.note = (
+            f"only {st['connected']} connected within the time bound ({st['failures']} failures: {st['firstFailure']})"
+        )
+    cpu = run.row(key + "_cpu", f"{name.split(',')[0]}: server CPU per login", "ms", "lower")
+    cpu.otabox = _cpu_per_login(st)
+    cpu.reference, cpu.ref_name = _cpu_per_login(run.details.get("storm", {})), "plain TCP, same run"
+
+
+def _cpu_per_login(st: dict[str, Any]) -> float | None:
+    """Server CPU milliseconds per connected device in a storm's (last) phase."""
+    ph, n = st.get("phase"), st.get("connected")
+    if not ph or not n:
+        return None
+    return round(ph["serverCpuPercent"] / 100 * ph["wallSeconds"] * 1000 / n, 3)
+
+
+def _tls_version(devs: list[Dev]) -> str | None:
+    for dev in devs:
+        obj = dev.client.get_extra_info("ssl_object")
+        if isinstance(obj, ssl.SSLObject):
+            return f"{obj.version()} {obj.cipher()[0] if obj.cipher() else ''}".strip()
+    return None
+
+
+async def issue_certificates(api: Api, keys: list[str], concurrency: int, timeout: float) -> dict[str, tuple[str, str]]:
+    """POST .../certificates {} for each device, `concurrency` at a time: (certificate, privateKey) by key."""
+    out: dict[str, tuple[str, str]] = {}
+
+    async def one(key: str) -> None:
+        got = await api.call("POST", f"/products/{PK}/devices/{key}/certificates", json={})
+        out[key] = (got["certificate"], got["privateKey"])
+
+    await clients.bounded(clients.pool(keys, one, concurrency), timeout)
+    return out
 
 
 async def otabox_rollout(

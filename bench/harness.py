@@ -16,6 +16,7 @@ import contextlib
 import re
 import resource
 import signal
+import ssl
 import statistics
 import subprocess
 import time
@@ -29,7 +30,7 @@ from bench import clients
 from bench.clients import Dev
 from bench.servers import REPO, Proc, start_profiler
 
-FIGURES = ("storm", "rss", "push", "progress", "rollout", "download", "rtt")
+FIGURES = ("storm", "rss", "push", "progress", "tls", "mtls", "rollout", "download", "rtt")
 PK = "bench"  # the product of the load devices
 RTT_PK = "benchrtt"  # the round-trip device lives in its own product, outside every job's scope
 MB = 1024 * 1024
@@ -261,11 +262,20 @@ def summarize_profile(raw: Path, top: int = 25) -> None:
 
 
 async def repeated_storm(
-    run: Run, mon: Monitor, devs: list[Dev], host: str, port: int, ts: str, settle: Callable[[], Awaitable[Any]]
+    run: Run,
+    mon: Monitor,
+    devs: list[Dev],
+    host: str,
+    port: int,
+    ts: str,
+    settle: Callable[[], Awaitable[Any]],
+    tls: ssl.SSLContext | None = None,
+    phase: str = "storm",
 ) -> dict[str, Any]:
     """The storm `plan.storm_repeats` times (all disconnect in between); the median time of complete runs.
 
-    The last run leaves the devices connected and is the one whose load (and profile) is recorded as "storm".
+    The last run leaves the devices connected and is the one whose load (and profile) is recorded as
+    `phase` ("storm"; the earlier ones "storm-1", ...). With `tls`, every login is a TLS handshake first.
     """
     plan, n = run.plan, len(devs)
     times: list[float] = []
@@ -277,8 +287,10 @@ async def repeated_storm(
             await clients.disconnect_all(devs)
             await settle()
         last = i == plan.storm_repeats - 1
-        async with mon.phase("storm" if last else f"storm-{i + 1}") as ph:
-            st = await clients.storm(devs, host, port, PK, ts, plan.connect_concurrency, run.bound(plan.t_storm))
+        async with mon.phase(phase if last else f"{phase}-{i + 1}") as ph:
+            st = await clients.storm(
+                devs, host, port, PK, ts, plan.connect_concurrency, run.bound(plan.t_storm), tls=tls
+            )
         st["phase"] = ph
         log(f"  {st['connected']}/{n} connected in {st['seconds']:.2f}s ({st['failures']} failures)")
         if not st["complete"]:

@@ -72,6 +72,9 @@ PHASES = (  # figure -> (otabox phase, reference section, reference phase)
     ("inform", "inform", "", ""),
     ("push / own topic", "push", "mosquitto", "own-topic"),
     ("progress", "progress", "mosquitto", "progress"),
+    ("storm over TLS", "storm-tls", "", ""),
+    ("storm over two-way TLS", "storm-mtls", "", ""),
+    ("device certificates issued", "certificates", "", ""),
     ("rollout", "rollout", "", ""),
     ("download", "download", "nginx", "download"),
 )

@@ -54,6 +54,7 @@ class Proc:
         self.popen = popen
         self.log = log
         self.pid = popen.pid
+        self.ports: dict[str, int] = {}  # otabox: its ports.json
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -153,8 +154,14 @@ def _wait_port(proc: Proc, port: int, timeout: float) -> None:
 # ---------------------------------------------------------------- otabox
 
 
-def start_otabox(work: Path, token: str, log_level: str = "INFO", timeout: float = 30.0) -> tuple[Proc, int, int]:
-    """`python -m otabox serve` on free ports with a fresh data dir; returns (proc, http port, mqtt port)."""
+def start_otabox(
+    work: Path, token: str, log_level: str = "INFO", timeout: float = 30.0, tls: bool = False
+) -> tuple[Proc, int, int]:
+    """`python -m otabox serve` on free ports with a fresh data dir; returns (proc, http port, mqtt port).
+
+    With `tls`, also MQTT over TLS and HTTPS (`--tls-self-signed 127.0.0.1`: otabox's own CA and
+    an ECDSA P-256 server certificate); `proc.ports` holds every port of ports.json ("mqtts", "https").
+    """
     data = work / "otabox-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTABOX_")}
     env["OTABOX_ADMIN_TOKEN"] = token
@@ -174,6 +181,8 @@ def start_otabox(work: Path, token: str, log_level: str = "INFO", timeout: float
         "--log-level",
         log_level,
     ]
+    if tls:
+        argv += ["--tls-self-signed", "127.0.0.1,localhost", "--mqtts-port", "0", "--https-port", "0"]
     proc = _spawn("otabox", argv, work / "otabox.log", env=env, cwd=REPO)
     ports_file = data / "ports.json"
     deadline = time.monotonic() + timeout
@@ -184,8 +193,11 @@ def start_otabox(work: Path, token: str, log_level: str = "INFO", timeout: float
             try:
                 ports = json.loads(ports_file.read_text())
                 http, mqtt = int(ports["http"]), int(ports["mqtt"])
+                if tls:
+                    int(ports["mqtts"])  # KeyError until the TLS listener is up
                 with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as resp:
                     if resp.status == 200:
+                        proc.ports = {k: int(v) for k, v in ports.items() if isinstance(v, int)}
                         return proc, http, mqtt
             except (OSError, ValueError, KeyError):
                 pass

@@ -207,12 +207,12 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
     try:
         # The CA first: an https API URL is checked against it from the first request on.
         tls = _tls_trust(args, client) if use_tls else None
+        port = args.mqtt_port or _mqtt_port(client, use_tls, args.data_dir)
+        if tls is not None:
+            probe_tls(host, port, tls.shared)  # before any device is created
         devices = _devices(args, client)
         if tls is not None and args.client_certs is not None:
             _client_certs(tls, args, client, [dk for dk, _, _ in devices])
-        port = args.mqtt_port or _mqtt_port(client, use_tls, args.data_dir)
-        if tls is not None:
-            probe_tls(host, port, tls.shared)
     except (ValueError, OSError) as exc:
         print(f"otabox simulate: {exc}", file=sys.stderr)
         return 2
@@ -488,7 +488,7 @@ def issue_certificates(
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="otabox-sim-certs-"))
     else:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private keys
     files = {dk: folder / f"{_safe_name(dk)}.pem" for dk in keys}
     missing = [dk for dk, path in files.items() if not path.exists()]
 
@@ -522,8 +522,8 @@ def probe_tls(host: str, port: int, context: ssl.SSLContext, timeout: float = 10
             pass
     except ssl.SSLCertVerificationError as exc:
         raise ValueError(
-            f"TLS to {host}:{port}: {exc.verify_message}; is the CA the server's, and {host!r} a name in its "
-            "certificate (--mqtt-host)?"
+            f"TLS to {host}:{port}: certificate verify failed ({exc.verify_message}); is the CA the server's,"
+            f" and {host!r} a name in its certificate (--mqtt-host)?"
         ) from None
     except ssl.SSLError as exc:
         raise ValueError(f"TLS to {host}:{port} failed: {exc}; is {port} the server's mqtts port?") from None

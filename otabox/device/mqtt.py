@@ -258,6 +258,13 @@ class MQTTLiteClient:
         self._task = loop.create_task(self._read_loop(reader))
         return 0
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The connection's transport information (asyncio's names: "peername", "ssl_object", "peercert", ...)."""
+        writer = self._writer
+        if self._closed or writer is None:
+            return default
+        return writer.get_extra_info(name, default)
+
     async def subscribe(self, topic: str, qos: int = 0) -> int:
         """Subscribe to one topic filter; return the granted QoS or 0x80 on failure."""
         if qos not in (0, 1, 2):
