@@ -425,3 +425,99 @@ async def publish_progress(
         }
     finally:
         collector.close()
+
+
+# ---------------------------------------------------------------- TLS storms in helper processes
+
+
+class StormProcesses:
+    """The devices of a TLS storm split over `bench.stormclient` processes, each connecting its share.
+
+    `storm()` connects them all at once (one `go` to every process) and times the first connect
+    to the last CONNACK across processes; the devices stay connected until `disconnect()`.
+    """
+
+    def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
+        self.procs = procs
+        self.context_seconds = 0.0
+
+    @classmethod
+    async def start(
+        cls,
+        processes: int,
+        devices: Sequence[tuple[str, str, str | None, str | None]],
+        spec: dict[str, Any],
+        timeout: float = 300.0,
+    ) -> StormProcesses:
+        """`devices`: (key, secret, certificate PEM or None, private key PEM or None); `spec`: host, port,
+        pk, ts, ca, concurrency (split between the processes), timeout. Returns once all are ready."""
+        k = max(1, min(processes, len(devices)))
+        procs = []
+        try:
+            for i in range(k):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.stormclient",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO),
+                )  # fmt: skip
+                procs.append(proc)
+                share = dict(spec, devices=[list(d) for d in devices[i::k]])
+                share["concurrency"] = max(1, spec["concurrency"] // k)
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(share).encode() + b"\n")
+            self = cls(procs)
+            async with asyncio.timeout(timeout):
+                ready = await asyncio.gather(*(self._answer(p) for p in procs))
+            self.context_seconds = max(r["contextSeconds"] for r in ready)
+            return self
+        except BaseException:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+            raise
+
+    @staticmethod
+    async def _answer(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench.stormclient {proc.pid} ended ({await proc.wait()})")
+        data: dict[str, Any] = json.loads(line)
+        return data
+
+    async def _all(self, command: bytes, timeout: float) -> list[dict[str, Any]]:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(command + b"\n")
+        async with asyncio.timeout(timeout):
+            return await asyncio.gather(*(self._answer(p) for p in self.procs))
+
+    async def storm(self, timeout: float) -> dict[str, Any]:
+        """Like `storm` above (connected, failures, seconds, complete), plus the processes' CPU seconds."""
+        parts = await self._all(b"go", timeout + 30)
+        t0, last = min(p["first"] for p in parts), max(p["last"] for p in parts)
+        return {
+            "connected": sum(p["connected"] for p in parts),
+            "failures": sum(p["failures"] for p in parts),
+            "firstFailure": next((p["firstFailure"] for p in parts if p["firstFailure"]), None),
+            "seconds": round(last - t0, 3),
+            "complete": all(p["complete"] for p in parts),
+            "processes": len(parts),
+            "clientCpuSeconds": round(sum(p["cpuSeconds"] for p in parts), 2),
+            "tlsVersion": next((p["tlsVersion"] for p in parts if p["tlsVersion"]), None),
+        }
+
+    async def disconnect(self) -> None:
+        await self._all(b"disconnect", 90)
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None and proc.stdin is not None:
+                proc.stdin.write(b"quit\n")
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                async with asyncio.timeout(30):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

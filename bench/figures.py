@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import secrets
-import ssl
 import statistics
 import time
 from pathlib import Path
@@ -25,11 +24,9 @@ import aiohttp
 
 from bench import clients
 from bench.clients import Dev
-from bench.harness import MB, PK, RTT_PK, TARGETS, Monitor, Run, log, repeated_storm, set_rtt
+from bench.harness import MB, PK, RTT_PK, TARGETS, Monitor, Run, log, repeated_storm, set_rtt, split_storm
 from bench.servers import StartError, start_otabox
 from otabox import protocol
-from otabox.device.mqtt import small_tls_buffers
-from otabox.device.tls import make_tls_context
 
 # ---------------------------------------------------------------- the management API
 
@@ -298,30 +295,41 @@ async def otabox_devices(
 
 async def otabox_tls(run: Run, api: Api, mon: Monitor, devs: list[Dev], host: str, port: int, ts: str) -> None:
     """The connect storm again over TLS (the CA pinned from /ca.pem), and with `mtls` once more with a
-    device certificate each (issued through the API first); each against the plain storm of this run."""
+    device certificate each (issued through the API first); each against the plain storm of this run.
+
+    The devices connect from `--tls-clients` helper processes (bench.stormclient): a client's
+    handshake costs more CPU than the server's, so one harness loop would be what is measured."""
     plan, n = run.plan, len(devs)
-    small_tls_buffers()  # 16 KiB per connection instead of asyncio's 256 KiB (otabox.device.mqtt)
     ca_pem = (await api.get_text("/ca.pem")).strip()
-    shared = make_tls_context(ca_pem=ca_pem)
+    spec = {"host": host, "port": port, "pk": PK, "ts": ts, "ca": ca_pem, "concurrency": plan.connect_concurrency}
+    spec["timeout"] = run.bound(plan.t_storm)
     plain = run.rows.get("storm")
     plain_s = plain.otabox if plain is not None else None
     plain_rss = run.details.get("rss", {}).get("connectedRssMB")
-    peak = 0.0
     settle = lambda: wait_connected(api, 0, 60)  # noqa: E731
+    peak = 0.0
+
+    async def storms(rows: list[tuple[str, str, str | None, str | None]], key: str, label: str, phase: str) -> None:
+        nonlocal peak
+        procs = await clients.StormProcesses.start(run.args.tls_clients, rows, spec)
+        try:
+            await settle()
+            st = await split_storm(run, mon, procs, settle, phase)
+            rss = mon.proc.rss()
+            peak = max(peak, st["phase"]["serverRssPeakMB"], rss / MB)
+            detail = "stormTls" if key == "storm_tls" else "stormMtls"
+            run.detail(detail, **st, clientContextSeconds=procs.context_seconds, connectedRssMB=round(rss / MB, 1))
+            _ratio_row(run, key, f"connect storm over {label}, {len(rows)} devices", "s", st, plain_s)
+            if st["complete"]:
+                r = run.row(f"rss_{key}", f"server RSS, {st['connected']} connected over {label}", "MB", "lower")
+                r.otabox, r.reference, r.ref_name = round(rss / MB, 1), plain_rss, "plain TCP, same run"
+            await procs.disconnect()
+        finally:
+            await procs.close()
 
     if "tls" in run.only:
-        await settle()
-        log(f"storm over TLS: {n} devices, {plan.connect_concurrency} in flight, {plan.storm_repeats} time(s)")
-        st = await repeated_storm(run, mon, devs, host, port, ts, settle, tls=shared, phase="storm-tls")
-        rss = mon.proc.rss()
-        peak = max(peak, st["phase"]["serverRssPeakMB"])
-        st["tlsVersion"] = _tls_version(devs)
-        run.detail("stormTls", **st, connectedRssMB=round(rss / MB, 1))
-        _ratio_row(run, "storm_tls", f"connect storm over TLS, {n} devices", "s", st, plain_s)
-        if st["complete"]:
-            r = run.row("rss_tls", f"server RSS, {st['connected']} connected over TLS", "MB", "lower")
-            r.otabox, r.reference, r.ref_name = round(rss / MB, 1), plain_rss, "plain TCP, same run"
-        await clients.disconnect_all(devs)
+        log(f"storm over TLS: {n} devices from {run.args.tls_clients} processes, {plan.storm_repeats} time(s)")
+        await storms([(d.key, d.secret, None, None) for d in devs], "storm_tls", "TLS", "storm-tls")
 
     if "mtls" in run.only:
         log(f"device certificates: issuing {n} through the API, 8 requests in flight")
@@ -338,25 +346,10 @@ async def otabox_tls(run: Run, api: Api, mon: Monitor, devs: list[Dev], host: st
         r.otabox = round(rate, 1) if len(issued) == n else None
         if len(issued) < n:
             r.note = f"only {len(issued)}/{n} within the time bound"
-        t0 = time.monotonic()
-        for dev in devs:
-            pair = issued.get(dev.key)
-            if pair is not None:
-                dev.tls = make_tls_context(ca_pem=ca_pem, cert_pem=pair[0], key_pem=pair[1])
-        contexts_s = time.monotonic() - t0
-        with_cert = [d for d in devs if d.tls is not None]
-        await settle()
-        log(f"storm over two-way TLS: {len(with_cert)} devices with their certificates")
-        st = await repeated_storm(run, mon, with_cert, host, port, ts, settle, phase="storm-mtls")
-        peak = max(peak, st["phase"]["serverRssPeakMB"])
-        run.detail(
-            "stormMtls", **st, clientContextSeconds=round(contexts_s, 2), connectedRssMB=round(mon.proc.rss() / MB, 1)
-        )
-        _ratio_row(run, "storm_mtls", f"connect storm over two-way TLS, {len(with_cert)} devices", "s", st, plain_s)
-        await clients.disconnect_all(devs)
-        for dev in devs:
-            dev.tls = None
-    run.detail("tls", peakRssMB=peak)
+        rows = [(d.key, d.secret, *issued[d.key]) for d in devs if d.key in issued]
+        log(f"storm over two-way TLS: {len(rows)} devices with their certificates")
+        await storms(rows, "storm_mtls", "two-way TLS", "storm-mtls")
+    run.detail("tls", peakRssMB=round(peak, 1))
     await settle()
 
 
@@ -381,14 +374,6 @@ def _cpu_per_login(st: dict[str, Any]) -> float | None:
     if not ph or not n:
         return None
     return round(ph["serverCpuPercent"] / 100 * ph["wallSeconds"] * 1000 / n, 3)
-
-
-def _tls_version(devs: list[Dev]) -> str | None:
-    for dev in devs:
-        obj = dev.client.get_extra_info("ssl_object")
-        if isinstance(obj, ssl.SSLObject):
-            return f"{obj.version()} {obj.cipher()[0] if obj.cipher() else ''}".strip()
-    return None
 
 
 async def issue_certificates(api: Api, keys: list[str], concurrency: int, timeout: float) -> dict[str, tuple[str, str]]:

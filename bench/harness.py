@@ -301,6 +301,37 @@ async def repeated_storm(
     return st
 
 
+async def split_storm(
+    run: Run, mon: Monitor, procs: clients.StormProcesses, settle: Callable[[], Awaitable[Any]], phase: str
+) -> dict[str, Any]:
+    """`repeated_storm` with the devices in helper processes (bench.stormclient); their CPU counts as
+    the load generator's. The last storm leaves the devices connected."""
+    plan = run.plan
+    times: list[float] = []
+    st: dict[str, Any] = {}
+    for i in range(plan.storm_repeats):
+        if i and times[-1] > 60:
+            break
+        if i:
+            await procs.disconnect()
+            await settle()
+        last = i == plan.storm_repeats - 1
+        async with mon.phase(phase if last else f"{phase}-{i + 1}") as ph:
+            st = await procs.storm(run.bound(plan.t_storm))
+        ph["harnessCpuPercent"] += round(100 * st["clientCpuSeconds"] / ph["wallSeconds"])
+        st["phase"] = ph
+        log(
+            f"  {st['connected']} connected in {st['seconds']:.2f}s"
+            f" ({st['failures']} failures; from {st['processes']} processes)"
+        )
+        if not st["complete"]:
+            return st
+        times.append(st["seconds"])
+    st["runs"] = times
+    st["seconds"] = statistics.median(times)
+    return st
+
+
 def set_rtt(run: Run, kind: str, result: dict[str, Any], side: str) -> None:
     label = "idle" if kind == "idle" else "during downloads"
     for pct in ("p50", "p99"):

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-reference", action="store_true", help="do not run mosquitto and nginx")
     p.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated figures [{','.join(FIGURES)}]")
+    p.add_argument(
+        "--tls-clients", type=int, default=2, metavar="K", help="processes the TLS storms' devices connect from [2]"
+    )
     p.add_argument("--profile", metavar="DIR", help="record the server with py-spy per phase into DIR (raw + .top)")
     p.add_argument("--server-log-level", default="INFO", help="otabox --log-level [INFO, its default]")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data dir, logs)")
