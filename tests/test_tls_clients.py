@@ -2,28 +2,39 @@
 
 The first part runs against a stand-in broker on a local `ssl` listener (certificates made here
 with `cryptography`, ECDSA P-256 as otabox's own CA makes them): what the client sends and checks.
+The second against a real otabox with `--tls-self-signed` and plain MQTT off: the simulator
+(CA pinned, then with device certificates) and the SDK (its certificate) upgrade through push jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import ipaddress
+import json
+import os
 import ssl
 import struct
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from otabox import protocol
-from otabox.device import Device, make_tls_context
+from otabox import cli, protocol
+from otabox.device import Device, LoginRefused, Offer, fetch_ca, make_tls_context
 from otabox.device.mqtt import MQTTLiteClient
+from otabox.server.app import App
+from otabox.server.settings import Settings
+from tests.conftest import TOKEN, Server, stop_within, wait_for
 
 # ---------------------------------------------------------------- certificates
 
@@ -303,3 +314,195 @@ async def test_sdk_device_connects_over_tls_with_its_certificate(pki: Pki, broke
         await asyncio.wait_for(broker.got_publish.wait(), 10)
     assert broker.published[0] == protocol.topic_for("pk1", "d1", protocol.INFORM)
     assert broker.logins[0].peer_cn == "d1&pk1" and broker.logins[0].username == "d1&pk1"
+
+
+# ---------------------------------------------------------------- against a real otabox with TLS on
+
+FIRMWARE = os.urandom(150_000)
+
+
+@dataclass
+class TLSServer:
+    """A real server with only the TLS listener for MQTT (plain MQTT off), HTTP and HTTPS."""
+
+    server: Server
+    mqtts: int
+    https: int
+    ca_pem: str
+
+
+@pytest.fixture
+async def tls_server(tmp_path: Path) -> AsyncIterator[TLSServer]:
+    known = {f.name for f in dataclasses.fields(Settings)}
+    if not {"tls_self_signed", "mqtts_port", "https_port"} <= known:
+        pytest.skip("this otabox has no TLS listener (--tls-self-signed)")
+    overrides: dict[str, Any] = {
+        "mqtt_port": -1,  # plain MQTT off: a device that logs in did so over TLS
+        "mqtts_port": 0,
+        "https_port": 0,
+        "tls_self_signed": "127.0.0.1,localhost",
+        "scheduler_interval": 0.1,
+    }
+    settings = Settings(data_dir=str(tmp_path / "data"), host="127.0.0.1", http_port=0, **overrides)
+    app = App(settings, env={"OTABOX_ADMIN_TOKEN": TOKEN})
+    await app.start()
+    try:
+        ports = json.loads((tmp_path / "data" / "ports.json").read_text())
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            server = Server(app, http, f"http://127.0.0.1:{ports['http']}", tmp_path / "data")
+            async with http.get(server.url + "/ca.pem") as resp:
+                assert resp.status == 200
+                ca_pem = await resp.text()
+            yield TLSServer(server, int(ports["mqtts"]), int(ports["https"]), ca_pem)
+    finally:
+        await stop_within(app)
+
+
+async def _push_job(server: Server, version: str = "2.0.0", **scope: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Firmware `version` and a push job for devices on 1.0.0 (incremental: devices may join later)."""
+    fw = await server.firmware("pk1", version, FIRMWARE)
+    body = {
+        "firmwareId": fw["id"],
+        "type": "upgrade",
+        "name": "over TLS",
+        "mode": "push",
+        "policy": "incremental",
+        "scope": scope or {"versionNumbers": ["1.0.0"]},
+        "timeoutSeconds": 30,
+    }
+    return fw, await server.call("POST", "/jobs", 201, json=body)
+
+
+def _simulate(ts: TLSServer, *extra: str) -> list[str]:
+    return ["simulate", "pk1", "--url", ts.server.url, "--token", TOKEN, "--json",
+            "--flash-time", "0.01-0.05", "--reboot-time", "0.05-0.1", "--data-dir", str(ts.server.data_dir),
+            *extra]  # fmt: skip
+
+
+async def test_simulator_over_tls_with_the_ca_pinned_upgrades_through_a_push_job(
+    tls_server: TLSServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = tls_server.server
+    await server.product("pk1")
+    _, job = await _push_job(server)
+    ca = tmp_path / "ca.pem"
+    ca.write_text(tls_server.ca_pem)
+    argv = _simulate(tls_server, "--devices", "4", "--ca", str(ca), "--job", job["id"], "--duration", "60")
+    # main() runs its own event loop: give it a thread so this loop keeps serving it.
+    rc = await asyncio.to_thread(cli.main, argv)
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0, summary
+    assert summary["outcomes"] == {"succeeded": 4} and summary["connectFailures"] == 0
+    assert summary["transport"] == {"tls": True, "ca": str(ca), "clientCertificates": False}
+    shown = await server.call("GET", f"/jobs/{job['id']}", 200)
+    assert shown["counts"]["succeeded"] == 4
+    listed = await server.call("GET", "/products/pk1/devices?version=2.0.0&limit=10", 200)
+    assert len(listed["items"]) == 4
+
+    # The wrong CA: one clear error before any device runs.
+    other = make_pki(tmp_path / "other", "someone else's CA")
+    rc = await asyncio.to_thread(cli.main, _simulate(tls_server, "--devices", "1", "--prefix", "x-",
+                                                     "--ca", str(other.files["ca.pem"])))  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "certificate verify failed" in err and "CA" in err
+
+
+async def test_simulator_with_client_certificates(
+    tls_server: TLSServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = tls_server.server
+    await server.product("pk1")
+    certs = tmp_path / "certs"
+    saved = tmp_path / "fleet.csv"
+    # First run: no CA given (fetched from the API URL's /ca.pem), certificates issued and kept.
+    argv = _simulate(tls_server, "--devices", "3", "--client-certs", str(certs), "--save-csv", str(saved))
+    rc = await asyncio.to_thread(cli.main, [*argv, "--duration", "1"])
+    first = json.loads(capsys.readouterr().out)
+    assert rc == 0 and first["outcomes"] == {"waiting": 3} and first["connectFailures"] == 0
+    assert first["transport"] == {
+        "tls": True,
+        "ca": server.url + "/ca.pem",
+        "clientCertificates": True,
+        "certificatesIssued": 3,
+        "certificatesReused": 0,
+    }
+    files = sorted(certs.iterdir())
+    assert [f.name for f in files] == ["sim-0001.pem", "sim-0002.pem", "sim-0003.pem"]
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    for dk in ("sim-0001", "sim-0002", "sim-0003"):
+        listed = await server.call("GET", f"/products/pk1/devices/{dk}/certificates", 200)
+        assert len(listed["items"]) == 1
+        # From now on the device may log in only with its certificate.
+        await server.call("PATCH", f"/products/pk1/devices/{dk}", 200, json={"requireCertificate": True})
+
+    # Without certificates the server refuses them...
+    base = _simulate(tls_server, "--csv", str(saved))
+    rc = await asyncio.to_thread(cli.main, [*base, "--tls", "--duration", "5"])
+    refused = json.loads(capsys.readouterr().out)
+    assert rc == 0 and refused["outcomes"] == {"refused": 3}
+    # ...with them (reused from the folder) they log in and take a push job over two-way TLS.
+    _, job = await _push_job(server, deviceKeys=["sim-0001", "sim-0002", "sim-0003"])
+    rc = await asyncio.to_thread(
+        cli.main, [*base, "--client-certs", str(certs), "--job", job["id"], "--duration", "60"]
+    )
+    again = json.loads(capsys.readouterr().out)
+    assert rc == 0 and again["outcomes"] == {"succeeded": 3}, again
+    assert again["transport"]["certificatesIssued"] == 0 and again["transport"]["certificatesReused"] == 3
+    for dk in ("sim-0001", "sim-0002", "sim-0003"):  # nothing new issued
+        assert len((await server.call("GET", f"/products/pk1/devices/{dk}/certificates", 200))["items"]) == 1
+
+
+async def test_sdk_device_over_tls_with_its_certificate_takes_a_push(tls_server: TLSServer, tmp_path: Path) -> None:
+    server = tls_server.server
+    created = await server.device("d1", requireCertificate=True)
+    issued = await server.call("POST", "/products/pk1/devices/d1/certificates", 201, json={})
+    assert set(issued) >= {"serial", "certificate", "privateKey", "notAfter"}
+    ca_pem = await fetch_ca(server.url)
+    assert ca_pem.strip() == tls_server.ca_pem.strip()
+    tls = make_tls_context(ca_pem=ca_pem, cert_pem=issued["certificate"], key_pem=issued["privateKey"])
+    done: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_upgrade(offer: Offer) -> None:
+        # The same file over HTTPS: the SDK's own session checks the server against the pinned CA.
+        url = urllib.parse.urlsplit(offer.file_url)._replace(scheme="https", netloc=f"127.0.0.1:{tls_server.https}")
+        image = await device.download(
+            dataclasses.replace(offer, file_url=urllib.parse.urlunsplit(url)), tmp_path / "fw"
+        )
+        assert image.read_bytes() == FIRMWARE
+        await device.report_progress(100, "rebooting")
+        await device.report_version(offer.version)
+        await done.put(offer.version)
+
+    device = Device("127.0.0.1", tls_server.mqtts, "pk1", "d1", created["deviceSecret"], version="1.0.0",
+                    on_upgrade=on_upgrade, tls_context=tls, reconnect_min=0.05, reconnect_max=0.2)  # fmt: skip
+    async with device:
+        await wait_for(lambda: _on_version(server, "d1", "1.0.0"))
+        _, job = await _push_job(server, deviceKeys=["d1"])
+        assert await asyncio.wait_for(done.get(), 30) == "2.0.0"
+        shown = await wait_for(lambda: _job_counts(server, job["id"], "succeeded"))
+        assert shown["succeeded"] == 1
+
+    # Without its certificate (the CA pinned all the same) the device is refused...
+    device = Device("127.0.0.1", tls_server.mqtts, "pk1", "d1", created["deviceSecret"], version="2.0.0",
+                    tls_context=make_tls_context(ca_pem=ca_pem))  # fmt: skip
+    with pytest.raises(LoginRefused):
+        await device.start(timeout=10)
+    # ...and so is another device's certificate.
+    await server.device("d2")
+    other = await server.call("POST", "/products/pk1/devices/d2/certificates", 201, json={})
+    stolen = make_tls_context(ca_pem=ca_pem, cert_pem=other["certificate"], key_pem=other["privateKey"])
+    device = Device("127.0.0.1", tls_server.mqtts, "pk1", "d1", created["deviceSecret"], version="2.0.0",
+                    tls_context=stolen)  # fmt: skip
+    with pytest.raises(LoginRefused):
+        await device.start(timeout=10)
+
+
+async def _on_version(server: Server, dk: str, version: str) -> bool:
+    shown = await server.call("GET", f"/products/pk1/devices/{dk}", 200)
+    return bool(shown["online"] and shown["version"] == version)
+
+
+async def _job_counts(server: Server, job_id: str, state: str) -> dict[str, int] | None:
+    job = await server.call("GET", f"/jobs/{job_id}", 200)
+    counts: dict[str, int] = job["counts"]
+    return counts if counts.get(state) else None
