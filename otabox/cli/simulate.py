@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -435,16 +436,11 @@ def _client_certs(tls: TLSSetup, args: argparse.Namespace, client: Client, keys:
     from otabox.device.tls import make_tls_context
 
     started = time.monotonic()
-    folder = Path(args.client_certs) if args.client_certs else None
-    files, tls.issued, tls.reused = issue_certificates(client, args.product, keys, folder)
-    try:
+    with contextlib.ExitStack() as stack:
+        # Without DIR, a private temporary folder: once loaded, the keys live in memory only.
+        folder = Path(args.client_certs or stack.enter_context(tempfile.TemporaryDirectory(prefix="otabox-sim-")))
+        files, tls.issued, tls.reused = issue_certificates(client, args.product, keys, folder)
         tls.per_device = {dk: make_tls_context(ca_pem=tls.ca_pem, cert_file=path) for dk, path in files.items()}
-    finally:
-        if folder is None:  # a temporary folder: the keys live in memory only from here on
-            for path in files.values():
-                path.unlink(missing_ok=True)
-            if files:
-                next(iter(files.values())).parent.rmdir()
     if not args.json:
         print(
             f"device certificates: {tls.issued} issued, {tls.reused} reused ({time.monotonic() - started:.1f}s)",
@@ -475,20 +471,17 @@ def issue_certificates(
     client: Client,
     product_key: str,
     keys: Sequence[str],
-    folder: Path | None = None,
+    folder: Path,
     concurrency: int = CERT_CONCURRENCY,
 ) -> tuple[dict[str, Path], int, int]:
     """A certificate and key per device, as one PEM file each: (files by deviceKey, issued, reused).
 
     Files already in `folder` (`<deviceKey>.pem`) are reused; the others are issued through
     `POST /products/{pk}/devices/{dk}/certificates` (otabox makes the key), `concurrency` requests
-    at a time, and written there 0600. Without `folder` they go to a private temporary folder the
-    caller removes. Raises otabox.cli.client.ApiError (e.g. a role that may not issue certificates).
+    at a time, and written there 0600 (the folder is made 0700). Raises otabox.cli.client.ApiError
+    (e.g. a role that may not issue certificates).
     """
-    if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix="otabox-sim-certs-"))
-    else:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private keys
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private keys
     files = {dk: folder / f"{_safe_name(dk)}.pem" for dk in keys}
     missing = [dk for dk, path in files.items() if not path.exists()]
 
