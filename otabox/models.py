@@ -212,6 +212,8 @@ class Product:
     name: str
     created_at: float
     devices: int = 0
+    # EnOS dynamic activation (secure mode 3): devices log in once with the product secret.
+    dynamic_activation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,23 @@ class Device:
     tags: dict[str, str]
     auth: str
     created_at: float
+    # May log in only with a device certificate (on the TLS listener).
+    require_certificate: bool = False
+    # When it received its secret by dynamic activation (secure mode 3 is refused from then on).
+    activated_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCertificate:
+    """A certificate otabox's CA issued to a device; it identifies the device by its serial."""
+
+    serial: str
+    product_key: str
+    device_key: str
+    fingerprint: str  # sha256 of the DER, hex
+    not_after: float
+    created_at: float
+    revoked_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from otabox import errors, jobspec, protocol
+from otabox import errors, jobspec, models, protocol
 from otabox.export.schema import EVENT_COLUMNS
 from otabox.models import JobEvent, JobStatus, JobType, TaskState, Waiting
 from otabox.server import present
@@ -173,10 +173,8 @@ NULLABLE_TASK_FIELDS = (
 
 def test_examples_have_the_shapes_the_server_sends() -> None:
     text = read(API_DOC)
-    device = SimpleNamespace(
-        product_key="p", device_key="d", version=None, online=False, last_seen=None, tags={}, auth="sign", created_at=0
-    )
-    assert set(example(text, "device")) == {*present.device(cast(Any, device)), "deviceSecret"}, "device example"
+    device = models.Device("p", "d", None, False, None, {}, "sign", 0)
+    assert set(example(text, "device")) == {*present.device(device), "deviceSecret"}, "device example"
     fw = SimpleNamespace(
         id="f",
         product_key="p",

@@ -15,6 +15,7 @@ from otabox.models import (
     DeliveryStatus,
     Delta,
     Device,
+    DeviceCertificate,
     Event,
     Firmware,
     Job,
@@ -29,7 +30,13 @@ from otabox.rollout import WaitState
 
 
 def product(p: Product) -> dict[str, Any]:
-    return {"productKey": p.product_key, "name": p.name, "createdAt": iso(p.created_at), "devices": p.devices}
+    return {
+        "productKey": p.product_key,
+        "name": p.name,
+        "createdAt": iso(p.created_at),
+        "devices": p.devices,
+        "dynamicActivation": p.dynamic_activation,
+    }
 
 
 def device(d: Device) -> dict[str, Any]:
@@ -42,6 +49,21 @@ def device(d: Device) -> dict[str, Any]:
         "tags": d.tags,
         "auth": d.auth,
         "createdAt": iso(d.created_at),
+        "requireCertificate": d.require_certificate,
+        "activatedAt": iso(d.activated_at),
+    }
+
+
+def certificate(c: DeviceCertificate) -> dict[str, Any]:
+    return {
+        "serial": c.serial,
+        "productKey": c.product_key,
+        "deviceKey": c.device_key,
+        "fingerprint": c.fingerprint,
+        "notAfter": iso(c.not_after),
+        "createdAt": iso(c.created_at),
+        "revokedAt": iso(c.revoked_at),
+        "status": "revoked" if c.revoked_at is not None else "valid",
     }
 
 

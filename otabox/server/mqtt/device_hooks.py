@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from otabox import protocol
 from otabox.server.keys import Keys
 from otabox.server.mqtt.broker import REFUSED_BAD_CREDENTIALS, REFUSED_NOT_AUTHORIZED, LoginResult
 from otabox.server.store import Store
+from otabox.server.store.registry import Credentials
 from otabox.server.throttle import LoginLimiter
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,18 @@ ADDRESS_FACTOR = 10
 # failure over it, at most MAX_TARPIT seconds.
 TARPIT_STEP = 0.1
 MAX_TARPIT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class KnownDevice:
+    """What a device's login is checked against: its secret in clear and its record."""
+
+    secret: str
+    record: Credentials
+
+    @property
+    def auth(self) -> str:
+        return self.record.auth
 
 
 class Sender(Protocol):
@@ -67,7 +81,7 @@ class DeviceGateway:
         self.sender = sender
         self.last_seen_interval = last_seen_interval
         self._last_seen: dict[tuple[str, str], float] = {}
-        self._secrets: dict[tuple[str, str], tuple[str, str]] = {}
+        self._secrets: dict[tuple[str, str], KnownDevice] = {}
 
     # ------------------------------------------------------------ login
 
@@ -92,9 +106,8 @@ class DeviceGateway:
         ok = False
         reason = "unknown device"
         if creds is not None:
-            secret, auth = creds
             try:
-                ok = protocol.check_password(login, password or "", secret, auth)
+                ok = protocol.check_password(login, password or "", creds.secret, creds.auth)
                 reason = "bad signature or client id"
             except protocol.ProtocolError as exc:
                 reason = str(exc)
@@ -110,15 +123,16 @@ class DeviceGateway:
         self.limiter.clear(pair_key)
         return LoginResult(login.product_key, login.device_key)
 
-    async def _credentials(self, pk: str, dk: str) -> tuple[str, str] | None:
-        """(secret, auth) of a device; decrypted once, then kept (a device's secret never changes)."""
+    async def _credentials(self, pk: str, dk: str) -> KnownDevice | None:
+        """A device's login record with its secret decrypted; read once, then kept until `forget`
+        (a new secret, a deletion, a change of its identity rules)."""
         key = (pk, dk)
         cached = self._secrets.get(key)
         if cached is None:
-            row = await self.store.device_credentials(pk, dk)
-            if row is None:
+            creds = await self.store.device_credentials(pk, dk)
+            if creds is None:
                 return None
-            cached = self._secrets[key] = (self.keys.decrypt(row[0]), row[1])
+            cached = self._secrets[key] = KnownDevice(self.keys.decrypt(creds.secret_enc), creds)
         return cached
 
     async def forget(self, product_key: str, device_key: str) -> None:

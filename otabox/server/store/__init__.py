@@ -12,6 +12,7 @@ from otabox.server.store.base import DuplicateError
 from otabox.server.store.deltas import DeltaSQL
 from otabox.server.store.events import EventSQL
 from otabox.server.store.firmware import FirmwareSQL
+from otabox.server.store.identity import IdentitySQL
 from otabox.server.store.jobs import JobLogEntry, JobSQL
 from otabox.server.store.registry import RegistrySQL
 from otabox.server.store.tasks import TaskSQL
@@ -20,5 +21,5 @@ from otabox.server.store.webhooks import WebhookSQL
 __all__ = ["DuplicateError", "JobLogEntry", "Store"]
 
 
-class Store(RegistrySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL, AccountSQL):
+class Store(RegistrySQL, IdentitySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL, AccountSQL):
     """The SQLite store. Open with `await Store.open(path)`; `close()` is idempotent."""

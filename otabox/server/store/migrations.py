@@ -270,4 +270,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX audit_ts ON audit (ts)
         """,
     ),
+    (
+        # Device identity (otabox.server.pki): device certificates by serial, a device that may log
+        # in only with one, and EnOS dynamic activation (a product secret; a device activated once).
+        "0011_device_identity",
+        """
+        ALTER TABLE devices ADD COLUMN require_certificate INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN activated_at REAL;
+        ALTER TABLE products ADD COLUMN dynamic_activation INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE products ADD COLUMN product_secret_enc TEXT;
+        CREATE TABLE device_certificates (
+            serial TEXT PRIMARY KEY,
+            product_key TEXT NOT NULL,
+            device_key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            not_after REAL NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE INDEX device_certificates_of ON device_certificates (product_key, device_key)
+        """,
+    ),
 ]

@@ -6,6 +6,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from otabox.models import ACTIVE, Device, EventKind, Product, TaskState, sql_list
@@ -13,19 +14,32 @@ from otabox.server.store import rows
 from otabox.server.store.base import DuplicateError, StoreBase
 from otabox.server.store.tasks import TASK_EVENT, log_time
 
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A device's login record: its secret (encrypted), auth mode and identity rules."""
+
+    secret_enc: str
+    auth: str
+    require_certificate: bool
+    activated: bool
+
+
 _PRODUCT = "SELECT p.*, (SELECT COUNT(*) FROM devices d WHERE d.product_key = p.product_key) AS devices FROM products p"
 
 
 class RegistrySQL(StoreBase):
     # ------------------------------------------------------------ products
 
-    async def create_product(self, product_key: str, name: str) -> Product:
-        """Raises DuplicateError when the product exists."""
+    async def create_product(self, product_key: str, name: str, product_secret_enc: str | None = None) -> Product:
+        """With `product_secret_enc`, dynamic activation is on. Raises DuplicateError when the product exists."""
         now = time.time()
         await self._write(
-            "INSERT INTO products (product_key, name, created_at) VALUES (?, ?, ?)", (product_key, name, now)
+            "INSERT INTO products (product_key, name, created_at, dynamic_activation, product_secret_enc)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (product_key, name, now, 0 if product_secret_enc is None else 1, product_secret_enc),
         )
-        return Product(product_key, name, now, 0)
+        return Product(product_key, name, now, 0, product_secret_enc is not None)
 
     async def get_product(self, product_key: str) -> Product | None:
         row = await self._one(f"{_PRODUCT} WHERE product_key = ?", (product_key,))
@@ -73,13 +87,18 @@ class RegistrySQL(StoreBase):
         )
         return rows.device(row) if row else None
 
-    async def device_credentials(self, product_key: str, device_key: str) -> tuple[str, str] | None:
-        """(secret_enc, auth) of a device, or None when it does not exist."""
+    async def device_credentials(self, product_key: str, device_key: str) -> Credentials | None:
+        """What a login of the device is checked against, or None when it does not exist."""
         row = await self._one(
-            "SELECT secret_enc, auth FROM devices WHERE product_key = ? AND device_key = ?",
+            "SELECT secret_enc, auth, require_certificate, activated_at FROM devices"
+            " WHERE product_key = ? AND device_key = ?",
             (product_key, device_key),
         )
-        return (row["secret_enc"], row["auth"]) if row else None
+        if row is None:
+            return None
+        return Credentials(
+            row["secret_enc"], row["auth"], bool(row["require_certificate"]), row["activated_at"] is not None
+        )
 
     async def list_devices(
         self,

@@ -13,6 +13,7 @@ from otabox.models import (
     Delta,
     DeltaStatus,
     Device,
+    DeviceCertificate,
     Event,
     Firmware,
     FirmwareStatus,
@@ -30,7 +31,7 @@ from otabox.models import (
 
 
 def product(row: sqlite3.Row) -> Product:
-    return Product(row["product_key"], row["name"], row["created_at"], row["devices"])
+    return Product(row["product_key"], row["name"], row["created_at"], row["devices"], bool(row["dynamic_activation"]))
 
 
 def device(row: sqlite3.Row) -> Device:
@@ -43,6 +44,20 @@ def device(row: sqlite3.Row) -> Device:
         tags=json.loads(row["tags"]) if row["tags"] else {},
         auth=row["auth"],
         created_at=row["created_at"],
+        require_certificate=bool(row["require_certificate"]),
+        activated_at=row["activated_at"],
+    )
+
+
+def certificate(row: sqlite3.Row) -> DeviceCertificate:
+    return DeviceCertificate(
+        row["serial"],
+        row["product_key"],
+        row["device_key"],
+        row["fingerprint"],
+        row["not_after"],
+        row["created_at"],
+        row["revoked_at"],
     )
 
 
