@@ -22,7 +22,8 @@ class Credentials:
     secret_enc: str
     auth: str
     require_certificate: bool
-    activated: bool
+    activated: bool  # received its secret by dynamic activation (or logged in with it since)
+    dynamic_activation: bool  # its product lets registered devices log in once with the product secret
 
 
 _PRODUCT = "SELECT p.*, (SELECT COUNT(*) FROM devices d WHERE d.product_key = p.product_key) AS devices FROM products p"
@@ -90,14 +91,19 @@ class RegistrySQL(StoreBase):
     async def device_credentials(self, product_key: str, device_key: str) -> Credentials | None:
         """What a login of the device is checked against, or None when it does not exist."""
         row = await self._one(
-            "SELECT secret_enc, auth, require_certificate, activated_at FROM devices"
-            " WHERE product_key = ? AND device_key = ?",
+            "SELECT d.secret_enc, d.auth, d.require_certificate, d.activated_at, p.dynamic_activation"
+            " FROM devices d JOIN products p ON p.product_key = d.product_key"
+            " WHERE d.product_key = ? AND d.device_key = ?",
             (product_key, device_key),
         )
         if row is None:
             return None
         return Credentials(
-            row["secret_enc"], row["auth"], bool(row["require_certificate"]), row["activated_at"] is not None
+            row["secret_enc"],
+            row["auth"],
+            bool(row["require_certificate"]),
+            activated=row["activated_at"] is not None,
+            dynamic_activation=bool(row["dynamic_activation"]),
         )
 
     async def list_devices(
