@@ -25,6 +25,9 @@ from otabox.server.services import Services
 from otabox.server.settings import Settings
 from otabox.server.store import Store
 
+# A real PostgreSQL (scripts/postgres) and the store fixtures run on each backend: tests/postgres.py.
+pytest_plugins = ("tests.postgres",)
+
 TOKEN = "test-admin-token"
 
 # Hypothesis (tests/test_fuzz.py): the suite runs the same examples every time, so a run is never

@@ -13,7 +13,7 @@ import otabox
 
 ROOT = Path(otabox.__file__).resolve().parent
 PURE = ("otabox.models", "otabox.protocol", "otabox.rollout", "otabox.jobspec", "otabox.errors", "otabox.export.schema")
-IO_LIBRARIES = ("aiohttp", "amqtt", "aiosqlite", "aiomqtt")
+IO_LIBRARIES = ("aiohttp", "amqtt", "aiosqlite", "asyncpg", "aiomqtt")
 
 
 def module_name(path: Path) -> str:
@@ -101,7 +101,7 @@ def test_importing_the_sdk_loads_nothing_of_the_server() -> None:
 def test_the_cli_starts_without_the_server_or_aiohttp() -> None:
     code = (
         "import sys, otabox.cli; print(sorted(m for m in sys.modules"
-        " if m.startswith(('aiohttp', 'amqtt', 'aiosqlite', 'cryptography', 'otabox.server.app'))))"
+        " if m.startswith(('aiohttp', 'amqtt', 'aiosqlite', 'asyncpg', 'cryptography', 'otabox.server.app'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otabox import __version__
-from otabox.cli import accounts, backup, bundle, delta, export, jobs, registry, simulate
+from otabox.cli import accounts, backup, bundle, db, delta, export, jobs, registry, simulate
 from otabox.cli.client import ApiError, Client, discover_url
 from otabox.server import settings
 
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.register(command, group)
     bundle.register(sub, command, group)
     backup.register(sub)
+    db.register(sub)
     delta.register(sub)
     export.register(sub, api)
     simulate.register(sub, api)

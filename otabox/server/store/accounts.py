@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 
 from otabox.models import ApiToken, AuditEntry, Role, User
-from otabox.server.store.base import DuplicateError, StoreBase
+from otabox.server.store.base import DuplicateError, Row, StoreBase, Tx
 
 
-def _user(r: sqlite3.Row) -> User:
+def _user(r: Row) -> User:
     return User(r["username"], Role(r["role"]), r["password_hash"], r["created_at"])
 
 
-def _token(r: sqlite3.Row) -> ApiToken:
+def _token(r: Row) -> ApiToken:
     return ApiToken(
         r["id"], r["username"], r["name"], r["token_hash"], r["created_at"], r["expires_at"], r["revoked_at"],
         r["last_used_at"],
     )  # fmt: skip
 
 
-def _audit(r: sqlite3.Row) -> AuditEntry:
+def _audit(r: Row) -> AuditEntry:
     return AuditEntry(
         r["ts"], r["actor"], r["role"], r["action"], r["target"], r["remote_addr"], r["status"], r["details"], r["seq"]
     )
@@ -57,9 +56,9 @@ class AccountSQL(StoreBase):
     async def delete_user(self, username: str) -> bool:
         """The user and its tokens (revoked with it)."""
 
-        def op(db: sqlite3.Connection) -> bool:
-            db.execute("DELETE FROM api_tokens WHERE username = ?", (username,))
-            return bool(db.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount)
+        async def op(tx: Tx) -> bool:
+            await tx.execute("DELETE FROM api_tokens WHERE username = ?", (username,))
+            return bool(await tx.execute("DELETE FROM users WHERE username = ?", (username,)))
 
         return await self.batched(op)
 

@@ -15,8 +15,12 @@ class DeltaSQL(StoreBase):
     async def put_delta(self, d: Delta) -> None:
         """Record a made (or failed) delta; a later one for the same pair replaces it."""
         await self._write(
-            "INSERT OR REPLACE INTO deltas (from_id, to_id, from_version, algorithm, status, size, md5, sha256,"
-            " seconds, error, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deltas (from_id, to_id, from_version, algorithm, status, size, md5, sha256,"
+            " seconds, error, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (from_id, to_id) DO UPDATE SET from_version = excluded.from_version,"
+            " algorithm = excluded.algorithm, status = excluded.status, size = excluded.size, md5 = excluded.md5,"
+            " sha256 = excluded.sha256, seconds = excluded.seconds, error = excluded.error,"
+            " created_at = excluded.created_at",
             (
                 d.from_id,
                 d.to_id,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 
 from otabox.models import SYSTEM, Firmware, FirmwareStatus, JobEvent, Publisher
 from otabox.server.store import rows
-from otabox.server.store.base import DuplicateError, StoreBase
+from otabox.server.store.base import DuplicateError, IntegrityError, StoreBase, Tx
 from otabox.server.store.tasks import insert_job_event
 
 _INSERT = (
@@ -49,10 +48,10 @@ class FirmwareSQL(StoreBase):
     async def create_firmware_many(self, records: Sequence[Firmware]) -> None:
         """Insert several firmware records in one transaction (a bundle: all or none). Raises DuplicateError."""
 
-        def op(conn: sqlite3.Connection) -> None:
+        async def op(tx: Tx) -> None:
             try:
-                conn.executemany(_INSERT, [_values(fw) for fw in records])
-            except sqlite3.IntegrityError as exc:
+                await tx.executemany(_INSERT, [_values(fw) for fw in records])
+            except IntegrityError as exc:
                 raise DuplicateError(str(exc)) from exc
 
         await self.batched(op)
@@ -90,13 +89,13 @@ class FirmwareSQL(StoreBase):
         log (the webhook event `firmware.verified`), in one transaction: neither is seen without the
         other. False, writing nothing, when it already was verified."""
 
-        def op(db: sqlite3.Connection) -> bool:
-            changed = db.execute(
+        async def op(tx: Tx) -> bool:
+            changed = await tx.execute(
                 "UPDATE firmware SET status = ? WHERE id = ? AND status != ?",
                 (FirmwareStatus.VERIFIED, firmware_id, FirmwareStatus.VERIFIED),
-            ).rowcount
+            )
             if changed:
-                insert_job_event(db, job_id, JobEvent.FIRMWARE_VERIFIED, SYSTEM, desc)
+                await insert_job_event(tx, job_id, JobEvent.FIRMWARE_VERIFIED, SYSTEM, desc)
             return bool(changed)
 
         return await self.batched(op)
@@ -107,7 +106,8 @@ class FirmwareSQL(StoreBase):
         await self._write(
             "INSERT INTO downloads (product_key, device_key, firmware_id, bytes, requests, updated_at)"
             " VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(product_key, device_key, firmware_id)"
-            " DO UPDATE SET bytes = bytes + excluded.bytes, requests = requests + 1, updated_at = excluded.updated_at",
+            " DO UPDATE SET bytes = downloads.bytes + excluded.bytes, requests = downloads.requests + 1,"
+            " updated_at = excluded.updated_at",
             (product_key, device_key, firmware_id, nbytes, time.time()),
         )
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from otabox import jobspec
 from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobEvent, JobStatus, PauseCause, Scope, TaskState, sql_list
 from otabox.server.store import rows
-from otabox.server.store.base import StoreBase
+from otabox.server.store.base import IntegrityError, Op, StoreBase, Tx
 from otabox.server.store.tasks import bulk_op, insert_job_event, insert_tasks
 
 _BUSY = (
@@ -21,17 +20,15 @@ _BUSY = (
 )
 
 
-def _job_op(
-    job_id: str, fields: dict[str, Any], reopen: bool, event: JobLogEntry | None
-) -> Callable[[sqlite3.Connection], None]:
+def _job_op(job_id: str, fields: dict[str, Any], reopen: bool, event: JobLogEntry | None) -> Op[None]:
     changes = {k: v for k, v in fields.items() if v is not None}
     sets = [f"{k} = ?" for k in changes] + (["finished_at = NULL"] if reopen else [])
     update = f"UPDATE jobs SET {', '.join(sets)}, updated_at = ? WHERE id = ?"
 
-    def op(db: sqlite3.Connection) -> None:
-        db.execute(update, (*changes.values(), time.time(), job_id))
+    async def op(tx: Tx) -> None:
+        await tx.execute(update, (*changes.values(), time.time(), job_id))
         if event is not None:
-            insert_job_event(db, job_id, event.status, event.actor, event.desc, event.wave)
+            await insert_job_event(tx, job_id, event.status, event.actor, event.desc, event.wave)
 
     return op
 
@@ -51,8 +48,8 @@ class JobSQL(StoreBase):
         """Insert a job and its pending tasks (deviceKey, fromVersion, wave) with their events."""
         now = time.time()
 
-        def op(db: sqlite3.Connection) -> None:
-            db.execute(
+        async def op(tx: Tx) -> None:
+            await tx.execute(
                 "INSERT INTO jobs (id, name, type, firmware_id, product_key, to_version, status, status_reason,"
                 " pause_cause, spec, current_wave, skipped, created_at, started_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -74,7 +71,7 @@ class JobSQL(StoreBase):
                     now,
                 ),
             )
-            insert_tasks(db, job.id, job.product_key, job.to_version, tasks)
+            await insert_tasks(tx, job.id, job.product_key, job.to_version, tasks)
 
         await self.batched(op)
 
@@ -82,9 +79,9 @@ class JobSQL(StoreBase):
         """Add one device to a running incremental job; False when it already has an active task."""
         try:
             await self.batched(
-                lambda db: insert_tasks(db, job.id, job.product_key, job.to_version, [(dk, from_version, wave)])
+                lambda tx: insert_tasks(tx, job.id, job.product_key, job.to_version, [(dk, from_version, wave)])
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             return False
         return True
 
@@ -145,10 +142,10 @@ class JobSQL(StoreBase):
         canceled = bulk_op(job_id, cancel, None, changes)
         no_retry = bulk_op(job_id, (TaskState.FAILED,), None, {"retry_at": None})
 
-        def op(db: sqlite3.Connection) -> int:
-            job(db)
-            n = canceled(db)
-            no_retry(db)
+        async def op(tx: Tx) -> int:
+            await job(tx)
+            n = await canceled(tx)
+            await no_retry(tx)
             return n
 
         return await self.batched(op)

@@ -1,6 +1,9 @@
 """The database schema: named migrations, applied in order once each (`StoreBase.migrate`).
 
 A migration is never edited after it shipped: a change to the schema is a new entry at the end.
+One definition for both backends: written in SQLite's dialect, said in PostgreSQL's by
+`dialect.postgres` (types, identity columns, collation); a migration that cannot be said so
+must branch on the backend inside its own entry, visibly.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 
 from otabox.models import ACTIVE, Device, EventKind, Product, TaskState, sql_list
 from otabox.server.store import rows
-from otabox.server.store.base import DuplicateError, StoreBase
+from otabox.server.store.base import DuplicateError, IntegrityError, StoreBase, Tx
 from otabox.server.store.tasks import TASK_EVENT, log_time
 
 
@@ -58,14 +57,14 @@ class RegistrySQL(StoreBase):
         now = time.time()
         rows = [(product_key, dk, enc, auth, json.dumps(tags, sort_keys=True), now) for dk, enc, auth, tags in devices]
 
-        def op(db: sqlite3.Connection) -> None:
+        async def op(tx: Tx) -> None:
             try:
-                db.executemany(
+                await tx.executemany(
                     "INSERT INTO devices (product_key, device_key, secret_enc, auth, tags, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise DuplicateError(str(exc)) from exc
 
         await self.batched(op)
@@ -165,27 +164,27 @@ class RegistrySQL(StoreBase):
         Its finished tasks and its upgrade log stay.
         """
 
-        def op(conn: sqlite3.Connection) -> bool:
+        async def op(tx: Tx) -> bool:
             now = log_time()
-            updated = conn.execute(
+            updated = await tx.execute(
                 "UPDATE tasks SET status = ?, desc = 'device deleted', finished_at = ?, due_at = NULL,"
                 " retry_at = NULL, updated_at = ? WHERE product_key = ? AND device_key = ?"
                 f" AND status IN {sql_list(ACTIVE)}",
                 (TaskState.CANCELED, now, now, product_key, device_key),
-            ).rowcount
+            )
             if updated:
-                conn.execute(
+                await tx.execute(
                     TASK_EVENT + " WHERE t.product_key = ? AND t.device_key = ? AND t.updated_at = ?",
                     (now, EventKind.STATE, product_key, device_key, now),
                 )
-            conn.execute(
+            await tx.execute(
                 "UPDATE tasks SET retry_at = NULL WHERE product_key = ? AND device_key = ? AND retry_at IS NOT NULL",
                 (product_key, device_key),
             )
             return (
-                conn.execute(
+                await tx.execute(
                     "DELETE FROM devices WHERE product_key = ? AND device_key = ?", (product_key, device_key)
-                ).rowcount
+                )
                 > 0
             )
 

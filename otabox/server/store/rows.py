@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from functools import lru_cache
 
 from otabox import jobspec
@@ -28,13 +27,14 @@ from otabox.models import (
     TaskState,
     Webhook,
 )
+from otabox.server.store.base import Row
 
 
-def product(row: sqlite3.Row) -> Product:
+def product(row: Row) -> Product:
     return Product(row["product_key"], row["name"], row["created_at"], row["devices"], bool(row["dynamic_activation"]))
 
 
-def device(row: sqlite3.Row) -> Device:
+def device(row: Row) -> Device:
     return Device(
         product_key=row["product_key"],
         device_key=row["device_key"],
@@ -49,7 +49,7 @@ def device(row: sqlite3.Row) -> Device:
     )
 
 
-def certificate(row: sqlite3.Row) -> DeviceCertificate:
+def certificate(row: Row) -> DeviceCertificate:
     return DeviceCertificate(
         row["serial"],
         row["product_key"],
@@ -61,7 +61,7 @@ def certificate(row: sqlite3.Row) -> DeviceCertificate:
     )
 
 
-def firmware(row: sqlite3.Row) -> Firmware:
+def firmware(row: Row) -> Firmware:
     return Firmware(
         id=row["id"],
         product_key=row["product_key"],
@@ -82,7 +82,7 @@ def firmware(row: sqlite3.Row) -> Firmware:
     )
 
 
-def publisher(row: sqlite3.Row) -> Publisher:
+def publisher(row: Row) -> Publisher:
     return Publisher(row["name"], row["public_key"], row["created_at"])
 
 
@@ -92,7 +92,7 @@ def _spec(text: str) -> JobSpec:
     return jobspec.from_json(json.loads(text))
 
 
-def job(row: sqlite3.Row) -> Job:
+def job(row: Row) -> Job:
     return Job(
         id=row["id"],
         name=row["name"],
@@ -112,7 +112,7 @@ def job(row: sqlite3.Row) -> Job:
     )
 
 
-def task(row: sqlite3.Row) -> Task:
+def task(row: Row) -> Task:
     return Task(
         job_id=row["job_id"],
         product_key=row["product_key"],
@@ -135,7 +135,7 @@ def task(row: sqlite3.Row) -> Task:
     )
 
 
-def event(r: sqlite3.Row) -> Event:
+def event(r: Row) -> Event:
     return Event(
         seq=r["seq"],
         ts=r["ts"],
@@ -157,7 +157,7 @@ def event(r: sqlite3.Row) -> Event:
     )
 
 
-def delta(r: sqlite3.Row) -> Delta:
+def delta(r: Row) -> Delta:
     return Delta(
         from_id=r["from_id"],
         to_id=r["to_id"],
@@ -173,11 +173,11 @@ def delta(r: sqlite3.Row) -> Delta:
     )
 
 
-def webhook(r: sqlite3.Row) -> Webhook:
+def webhook(r: Row) -> Webhook:
     return Webhook(r["id"], r["url"], tuple(json.loads(r["events"])), r["secret"], r["created_at"], r["created_seq"])
 
 
-def delivery(r: sqlite3.Row) -> Delivery:
+def delivery(r: Row) -> Delivery:
     return Delivery(
         id=r["id"],
         webhook_id=r["webhook_id"],

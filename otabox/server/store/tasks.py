@@ -4,15 +4,14 @@ so the upgrade log never disagrees with the task table.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from otabox.models import ACTIVE, IN_FLIGHT, RETRYABLE, EventKind, JobEvent, Task, TaskState, sql_list
 from otabox.server.store import rows
-from otabox.server.store.base import StoreBase
+from otabox.server.store.base import IntegrityError, Op, StoreBase, Tx
 
 TASK_COLUMNS = frozenset(
     {
@@ -44,7 +43,7 @@ TASK_EVENT = (
 
 def bulk_op(
     job_id: str, from_statuses: Sequence[TaskState], device_keys: Sequence[str] | None, changes: dict[str, Any]
-) -> Callable[[sqlite3.Connection], int]:
+) -> Op[int]:
     """The write that moves many tasks of a job at once; returns how many it moved.
 
     A task's event is written only when its state changes: clearing `retry_at` of failed
@@ -60,11 +59,13 @@ def bulk_op(
     update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
     logged = "status" in changes and changes["status"] not in from_statuses
 
-    def op(db: sqlite3.Connection) -> int:
+    async def op(tx: Tx) -> int:
         now = log_time()
-        n: int = db.execute(update, (*changes.values(), now, *params)).rowcount
+        n = await tx.execute(update, (*changes.values(), now, *params))
         if n and logged:
-            db.execute(TASK_EVENT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now))
+            await tx.execute(
+                TASK_EVENT + " WHERE t.job_id = ? AND t.updated_at = ?", (now, EventKind.STATE, job_id, now)
+            )
         return n
 
     return op
@@ -94,31 +95,31 @@ def log_time() -> float:
         return _last_ts
 
 
-def insert_tasks(
-    db: sqlite3.Connection,
+async def insert_tasks(
+    tx: Tx,
     job_id: str,
     pk: str,
     to_version: str,
     tasks: Sequence[tuple[str, str | None, int]],
 ) -> None:
-    """On the database thread: new pending tasks with their events."""
+    """In a write op: new pending tasks with their events."""
     now = log_time()
-    db.executemany(
+    await tx.executemany(
         "INSERT INTO tasks (job_id, product_key, device_key, status, wave, from_version, to_version,"
         " attempt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
         [(job_id, pk, dk, TaskState.PENDING, wave, fv, to_version, now) for dk, fv, wave in tasks],
     )
-    db.execute(
+    await tx.execute(
         TASK_EVENT + " WHERE t.job_id = ? AND t.status = ? AND t.updated_at = ?",
         (now, EventKind.STATE, job_id, TaskState.PENDING, now),
     )
 
 
-def insert_job_event(
-    db: sqlite3.Connection, job_id: str, status: JobEvent, actor: str, desc: str, wave: int | None = None
+async def insert_job_event(
+    tx: Tx, job_id: str, status: JobEvent, actor: str, desc: str, wave: int | None = None
 ) -> None:
-    """On the database thread: a job-level row of the upgrade log (device key empty)."""
-    db.execute(
+    """In a write op: a job-level row of the upgrade log (device key empty)."""
+    await tx.execute(
         "INSERT INTO events (ts, job_id, job_type, firmware_id, product_key, device_key, to_version, status, kind,"
         " desc, attempt, wave, actor)"
         " SELECT ?, j.id, j.type, j.firmware_id, j.product_key, '', j.to_version, ?, ?, ?, 0, ?, ? FROM jobs j"
@@ -195,11 +196,11 @@ class TaskSQL(StoreBase):
             where += f" AND status IN ({','.join('?' * len(expect))})"
         update = f"UPDATE tasks SET {sets}, updated_at = ? WHERE {where}"
 
-        def op(conn: sqlite3.Connection) -> bool:
+        async def op(tx: Tx) -> bool:
             now = log_time()
-            if conn.execute(update, (*changes.values(), now, job_id, pk, dk, *(expect or ()))).rowcount == 0:
+            if await tx.execute(update, (*changes.values(), now, job_id, pk, dk, *(expect or ()))) == 0:
                 return False
-            conn.execute(
+            await tx.execute(
                 TASK_EVENT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?",
                 (now, kind, job_id, pk, dk),
             )
@@ -216,12 +217,12 @@ class TaskSQL(StoreBase):
         )
         event = TASK_EVENT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?"
 
-        def op(conn: sqlite3.Connection) -> list[str]:
+        async def op(tx: Tx) -> list[str]:
             moved = []
             ts = log_time()
             for dk in device_keys:
-                if conn.execute(update, (now, due, ts, job_id, pk, dk)).rowcount:
-                    conn.execute(event, (ts, EventKind.STATE, job_id, pk, dk))
+                if await tx.execute(update, (now, due, ts, job_id, pk, dk)):
+                    await tx.execute(event, (ts, EventKind.STATE, job_id, pk, dk))
                     moved.append(dk)
             return moved
 
@@ -250,7 +251,7 @@ class TaskSQL(StoreBase):
                 desc="retry requested",
                 finished_at=None,
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             return 0  # the device has an active task in another job meanwhile
         return 1 if ok else 0
 

@@ -4,13 +4,12 @@ stored as the service gives it: encrypted with the server key."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 
 from otabox.models import Delivery, DeliveryStatus, Event, Webhook
 from otabox.server.store import rows
-from otabox.server.store.base import StoreBase
+from otabox.server.store.base import StoreBase, Tx
 
 CURSOR_KEY = "webhooks.cursor"  # kv: the last upgrade-log seq turned into deliveries
 
@@ -33,9 +32,9 @@ class WebhookSQL(StoreBase):
     async def delete_webhook(self, webhook_id: str) -> bool:
         """The webhook and its delivery history; False when there was none."""
 
-        def op(db: sqlite3.Connection) -> bool:
-            db.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
-            return bool(db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount)
+        async def op(tx: Tx) -> bool:
+            await tx.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
+            return bool(await tx.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)))
 
         return await self.batched(op)
 
@@ -52,13 +51,13 @@ class WebhookSQL(StoreBase):
         transaction: a crash neither loses nor repeats one."""
         now = time.time()
 
-        def op(db: sqlite3.Connection) -> None:
-            db.executemany(
+        async def op(tx: Tx) -> None:
+            await tx.executemany(
                 "INSERT INTO webhook_deliveries (webhook_id, type, body, status, next_at, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(hook_id, kind, body, DeliveryStatus.PENDING, now, now) for hook_id, kind, body in items],
             )
-            db.execute(
+            await tx.execute(
                 "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (CURSOR_KEY, str(cursor)),
             )

@@ -1,0 +1,111 @@
+"""`otabox db copy`: a real all-in-one install (SQLite, mid-rollout) into a real PostgreSQL,
+nothing lost: every row, the upgrade log in order, identity columns going on after the copy;
+refused into a database that is not empty and from a data dir a server is running on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otabox.cli import main
+from otabox.server.store import Store
+from tests.conftest import Device, Server, wait_for
+
+
+@pytest.fixture
+def server_settings() -> dict[str, Any]:
+    return {"scheduler_interval": 0.1}
+
+
+async def test_a_copied_install_has_every_row(server: Server, postgres_url: str, capsys: Any) -> None:
+    await server.product("pk1")
+    fw = await server.firmware("pk1", "2.0", b"firmware 2.0 " * 1000)
+    secrets = {dk: (await server.device(dk, tags={"site": "lab"}))["deviceSecret"] for dk in ("d1", "d2", "d3")}
+    d1 = await Device(server, "pk1", "d1", secrets["d1"]).connect("1.0")
+    job = await server.call("POST", "/jobs", 201, json={"firmwareId": fw["id"]})
+    await d1.upgrade()
+
+    async def d1_done() -> bool:
+        task = await server.store.active_task("pk1", "d1")
+        return task is None
+
+    await wait_for(d1_done)
+    await server.call(
+        "POST",
+        "/webhooks",
+        201,
+        json={"url": "http://127.0.0.1:9/hook", "events": ["job.completed"], "secret": "s" * 20},
+    )
+    await server.call(
+        "POST", "/users", 201, json={"username": "alice", "role": "operator", "password": "pw-alice-123456"}
+    )
+    await d1.close()
+    source = server.store
+
+    async def d1_offline() -> bool:
+        device = await source.get_device("pk1", "d1")
+        return device is not None and not device.online
+
+    await wait_for(d1_offline)  # the snapshot below is what the stopped server leaves
+    before: dict[str, Any] = {
+        "events": [e async for e in source.iter_events()],
+        "devices": (await source.list_devices("pk1"))[0],
+        "job": await source.get_job(job["id"]),
+        "tasks": (await source.list_tasks(job["id"], None, 100, 0))[0],
+        "audit": (await source.audit_page(None, None, None, 100, 0))[0],
+        "users": await source.list_users(),
+        "webhooks": await source.list_webhooks(),
+        "firmware": await source.get_firmware(fw["id"]),
+        "kv": await source._all("SELECT key, value FROM kv ORDER BY key"),
+    }
+    await server.app.stop()
+    capsys.readouterr()
+
+    argv = ["db", "copy", "--from", str(server.data_dir), "--to", postgres_url, "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["checked"] and summary["tables"]["events"]["rows"] == len(before["events"])
+    assert summary["tables"]["devices"]["rows"] == 3 and summary["tables"]["users"]["rows"] == len(before["users"])
+
+    copied = await Store.open(postgres_url)
+    try:
+        after: dict[str, Any] = {
+            "events": [e async for e in copied.iter_events()],
+            "devices": (await copied.list_devices("pk1"))[0],
+            "job": await copied.get_job(job["id"]),
+            "tasks": (await copied.list_tasks(job["id"], None, 100, 0))[0],
+            "audit": (await copied.audit_page(None, None, None, 100, 0))[0],
+            "users": await copied.list_users(),
+            "webhooks": await copied.list_webhooks(),
+            "firmware": await copied.get_firmware(fw["id"]),
+            "kv": await copied._all("SELECT key, value FROM kv ORDER BY key"),
+        }
+        assert {k: v for k, v in after.items() if k != "kv"} == {k: v for k, v in before.items() if k != "kv"}
+        assert [tuple(r) for r in after["kv"]] == [tuple(r) for r in before["kv"]]
+        # The identity columns go on after the copied rows.
+        await copied.create_devices("pk1", [("d4", "enc", "sign", {})])
+        await copied.delete_device("pk1", "d2")  # its pending task ends canceled: a new event
+        last = [e async for e in copied.iter_events()][-1]
+        assert last.seq > before["events"][-1].seq and last.device_key == "d2"
+    finally:
+        await copied.close()
+
+    assert await asyncio.to_thread(main, argv) == 1  # not empty any more: refused, nothing changed
+    assert "not empty" in capsys.readouterr().err
+
+
+async def test_a_running_servers_data_dir_is_refused(server: Server, postgres_url: str, capsys: Any) -> None:
+    await server.product("pk1")
+    argv = ["db", "copy", "--from", str(server.data_dir), "--to", postgres_url]
+    assert await asyncio.to_thread(main, argv) == 1
+    assert "in use by another otabox server" in capsys.readouterr().err
+
+
+def test_the_source_must_exist_and_the_target_be_postgresql(tmp_path: Path, capsys: Any) -> None:
+    assert main(["db", "copy", "--from", str(tmp_path), "--to", "postgresql://u@127.0.0.1/x"]) == 1
+    assert "no database" in capsys.readouterr().err
+    assert main(["db", "copy", "--from", str(tmp_path), "--to", str(tmp_path / "other.db")]) == 2
