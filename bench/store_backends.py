@@ -11,7 +11,8 @@ scripts/postgres starts, with its test settings: fsync off), a job over N device
 - reads: N `active_task` lookups, C at a time (the read each report does first).
 
 Every transition writes its event in the same transaction, as in the server. Prints a table;
-nothing is kept. PostgreSQL here runs on the same 2 cores as the benchmark, over TCP loopback.
+nothing is kept. PostgreSQL here runs on the same 2 cores as the benchmark, over TCP loopback
+and over its unix socket.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from otabox.models import Firmware, FirmwareStatus, Job, JobSpec, JobStatus, JobType, PauseCause, TaskState
 from otabox.server.store import Store
@@ -88,27 +92,39 @@ async def _measure(target: str | Path, n: int, concurrency: int) -> dict[str, An
         await store.close()
 
 
+async def _fresh(url: str, name: str) -> str:
+    """A new empty database on the server `url` names, and its URL."""
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    finally:
+        await admin.close()
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=200)
     args = parser.parse_args(argv)
+    n, c = args.tasks, args.concurrency
     script = ROOT / "scripts" / "postgres"
     started = subprocess.run([sys.executable, str(script), "start"], capture_output=True, text=True, check=True)
     pg = json.loads(started.stdout.strip().splitlines()[-1])
     try:
         with tempfile.TemporaryDirectory() as tmp:
             results = {
-                "sqlite": asyncio.run(_measure(Path(tmp) / "otabox.db", args.tasks, args.concurrency)),
-                "postgresql": asyncio.run(_measure(pg["url"], args.tasks, args.concurrency)),
+                "sqlite": asyncio.run(_measure(Path(tmp) / "otabox.db", n, c)),
+                "postgresql": asyncio.run(_measure(asyncio.run(_fresh(pg["url"], "tcp")), n, c)),
+                "pg unix socket": asyncio.run(_measure(asyncio.run(_fresh(pg["socket_url"], "unix")), n, c)),
             }
     finally:
         subprocess.run([sys.executable, str(script), "stop", pg["dir"]], check=False)
     names = list(results["sqlite"])
     print(f"{args.tasks} tasks, {args.concurrency} concurrent callers")
-    print(f"{'':22}" + "".join(f"{b:>14}" for b in results))
+    print(f"{'':22}" + "".join(f"{b:>16}" for b in results))
     for name in names:
-        print(f"{name:22}" + "".join(f"{results[b][name]:>14.1f}" for b in results))
+        print(f"{name:22}" + "".join(f"{results[b][name]:>16.1f}" for b in results))
     return 0
 
 

@@ -35,23 +35,25 @@ def cmd_copy(args: argparse.Namespace) -> int:
         print(f"otabox db copy: no database at {db}", file=sys.stderr)
         return 1
     lock = None
+    progress = None if args.json else _progress
     try:
         if data_dir is not None:
             lock = lock_data_dir(data_dir)  # no server may write while its database moves
-        progress = None if args.json else _progress
         copied = asyncio.run(copy_database(db, args.to, progress))
     except (CopyError, DataDirLocked, OSError, ConnectionError) as exc:
-        print(f"\notabox db copy: {exc}", file=sys.stderr)
+        print(f"{'' if progress is None else chr(10)}otabox db copy: {exc}", file=sys.stderr)
         return 1
     finally:
         if lock is not None:
             os.close(lock)
+    if progress is not None:
+        print(file=sys.stderr)  # end the progress line
     total = sum(t.rows for t in copied)
     if args.json:
         summary: dict[str, Any] = {"tables": {t.name: {"rows": t.rows, "sha256": t.sha256} for t in copied}}
         print(json.dumps({**summary, "rows": total, "checked": True}))
     else:
-        print(f"\rcopied {total} rows in {len(copied)} tables; every table checked (rows and SHA-256) ")
+        print(f"copied {total} rows in {len(copied)} tables; every table checked (rows and SHA-256) ")
         for t in copied:
             print(f"  {t.name:22} {t.rows:>10}")
         where = data_dir if data_dir is not None else db.parent
