@@ -123,8 +123,10 @@ def server_settings() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, server_settings: dict[str, Any]) -> AsyncIterator[Server]:
-    app = await start_server(tmp_path, **server_settings)
+async def server(
+    tmp_path: Path, server_settings: dict[str, Any], server_database: dict[str, str]
+) -> AsyncIterator[Server]:
+    app = await start_server(tmp_path, **server_database, **server_settings)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         yield Server(app, http, f"http://127.0.0.1:{app.http_port}", tmp_path / "data")
     await stop_within(app)

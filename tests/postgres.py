@@ -5,6 +5,8 @@ folder, a free port of 127.0.0.1), or the one `OTABOX_TEST_DATABASE_URL` names. 
 be started the tests that need it fail, loudly: they are never skipped.
 `postgres_url`: a new, empty database on it for one test, dropped after.
 `store_target`: the store of one test, on each backend in turn (params "sqlite", "postgresql").
+`server_database`: the `server` fixture's database settings; a module marked
+`pytest.mark.both_backends` runs each of its `server` tests on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -97,3 +99,29 @@ def store_target(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         return tmp_path / "otabox.db"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_backends: run the module's `server` tests on SQLite and on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # OTABOX_TEST_BACKENDS=all: every `server` test on both (the whole suite against PostgreSQL).
+    marked = metafunc.definition.get_closest_marker("both_backends") or os.environ.get("OTABOX_TEST_BACKENDS") == "all"
+    if marked and "server" in metafunc.fixturenames:
+        metafunc.parametrize("server_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def server_backend(request: pytest.FixtureRequest) -> str:
+    """The `server` fixture's backend: SQLite, unless the module is marked both_backends."""
+    name: str = getattr(request, "param", "sqlite")
+    return name
+
+
+@pytest.fixture
+def server_database(server_backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings for the `server` fixture's database: none for SQLite, a fresh database's URL for PostgreSQL."""
+    if server_backend == "sqlite":
+        return {}
+    return {"database_url": request.getfixturevalue("postgres_url")}
