@@ -55,7 +55,12 @@ def postgres_server() -> Iterator[str]:
         return
     try:
         started = subprocess.run(
-            [sys.executable, str(SCRIPT), "start"], capture_output=True, text=True, timeout=START_TIMEOUT, check=False
+            # --owner-pid: stopped also when this run is killed (pytest-timeout ends it with os._exit).
+            [sys.executable, str(SCRIPT), "start", "--owner-pid", str(os.getpid())],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"scripts/postgres start took over {START_TIMEOUT} s: {exc.stderr!r}")

@@ -9,9 +9,14 @@ the group commit's promise: ops of one batch fail alone and nothing is seen half
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -376,3 +381,41 @@ def test_the_dialect() -> None:
         ' ts DOUBLE PRECISION, s TEXT COLLATE "C")'
     )
     assert postgres("WHERE k LIKE ? ESCAPE '\\'") == "WHERE k ILIKE $1 ESCAPE '\\'"
+
+
+async def test_postgresql_restarting_under_the_store() -> None:
+    """The database restarts (a failover, an upgrade): the store's next write and reads reconnect;
+    nothing acknowledged before is lost."""
+    started = await asyncio.to_thread(_script, "start")
+    info = json.loads(started.strip().splitlines()[-1])
+    try:
+        store = await Store.open(info["url"])
+        try:
+            await store.set_kv("before", "1")
+            assert await store.get_kv("before") == "1"
+            await asyncio.to_thread(_restart, info)
+            await store.set_kv("after", "2")  # the write connection was lost: a new one
+            assert await store.get_kv("before") == "1"
+            assert await store.get_kv("after") == "2"
+        finally:
+            await store.close()
+    finally:
+        await asyncio.to_thread(_script, "stop", info["dir"])
+
+
+def _script(*args: str) -> str:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "postgres"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True, timeout=120)
+    return done.stdout
+
+
+def _restart(info: dict[str, Any]) -> None:
+    folder = Path(info["dir"])
+    owner = (folder / "data").stat()
+    pg_ctl = [str(Path(info["bin"]) / "pg_ctl"), "-D", str(folder / "data"), "-l", str(folder / "log")]
+    # No pipes: the restarted server would hold them open, and run() would wait for it to end.
+    subprocess.run(
+        [*pg_ctl, "-m", "fast", "-w", "restart"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=60,
+        user=owner.st_uid if os.geteuid() == 0 else None, group=owner.st_gid if os.geteuid() == 0 else None,
+    )  # fmt: skip
