@@ -30,6 +30,17 @@ UPGRADE_REPLY = "ota/device/upgrade_reply"
 
 DEVICE_TOPICS = (INFORM, PROGRESS, GETVERSION, REQUEST, UPGRADE_REPLY)
 
+# EnOS dynamic activation (secure mode 3) runs on session topics, not below /sys/: the server
+# sends the device its secret on ACTIVATE_INFO and the device answers on ACTIVATE_REPLY.
+ACTIVATE_INFO = "thing/activate/info"
+ACTIVATE_REPLY = "thing/activate/info_reply"
+ACTIVATE_METHOD = "thing.activate.info"
+
+# Secure modes of an EnOS client id: 2 signs with the device secret, 3 with the product secret
+# (a registered device not yet activated, which gets its device secret on connect).
+MODE_DEVICE_SECRET = "2"
+MODE_PRODUCT_SECRET = "3"
+
 CODE_OK = 200
 CODE_BAD_REQUEST = 400
 CODE_FORBIDDEN = 403
@@ -126,21 +137,22 @@ def login_params(device_key: str, product_key: str, timestamp: str) -> dict[str,
     }
 
 
-def check_password(login: LoginRequest, password: str, secret: str, auth: str) -> bool:
-    """True when the password proves knowledge of the device secret (sign or plain auth)."""
+def check_password(login: LoginRequest, password: str, secret: str, auth: str, mode: str = MODE_DEVICE_SECRET) -> bool:
+    """True when the password proves knowledge of `secret`: the device secret (sign or plain auth),
+    or with `mode` MODE_PRODUCT_SECRET the product secret (always signed)."""
     if login.client_device_key != login.device_key:
         return False
-    if auth == "plain":
+    if auth == "plain" and mode == MODE_DEVICE_SECRET:
         return hmac.compare_digest(password.encode(), secret.encode())
-    if login.secure_mode != "2" or login.sign_method not in SIGN_METHODS or login.timestamp is None:
+    if login.secure_mode != mode or login.sign_method not in SIGN_METHODS or login.timestamp is None:
         return False
     expected = sign(login_params(login.device_key, login.product_key, login.timestamp), secret, login.sign_method)
     # Hex digests: compare case-insensitively (SDKs differ in case for SHA-1).
     return hmac.compare_digest(expected.lower().encode(), password.strip().lower().encode())
 
 
-def client_id_for(device_key: str, sign_method: str, timestamp: str) -> str:
-    return f"{device_key}|securemode=2,signmethod={sign_method},timestamp={timestamp}|"
+def client_id_for(device_key: str, sign_method: str, timestamp: str, mode: str = MODE_DEVICE_SECRET) -> str:
+    return f"{device_key}|securemode={mode},signmethod={sign_method},timestamp={timestamp}|"
 
 
 # ---------------------------------------------------------------- topics
@@ -154,8 +166,15 @@ def topic_for(product_key: str, device_key: str, suffix: str) -> str:
     return device_prefix(product_key, device_key) + suffix
 
 
+def session_topic(product_key: str, device_key: str, suffix: str) -> str:
+    return f"/ext/session/{product_key}/{device_key}/{suffix}"
+
+
 def topic_allowed(topic: str, product_key: str, device_key: str, *, is_filter: bool) -> bool:
-    """A device may use only topics below its own /sys/{pk}/{dk}/ (wildcards only after it)."""
+    """A device may use only topics below its own /sys/{pk}/{dk}/ (wildcards only after it),
+    and publish its activation reply on its own session topic."""
+    if not is_filter and topic == session_topic(product_key, device_key, ACTIVATE_REPLY):
+        return True
     prefix = device_prefix(product_key, device_key)
     if not topic.startswith(prefix) or len(topic) == len(prefix):
         return False
@@ -174,6 +193,21 @@ def topic_allowed(topic: str, product_key: str, device_key: str, *, is_filter: b
 def device_suffix(topic: str, product_key: str, device_key: str) -> str | None:
     prefix = device_prefix(product_key, device_key)
     return topic[len(prefix) :] if topic.startswith(prefix) else None
+
+
+def handled_suffix(topic: str, product_key: str, device_key: str) -> str | None:
+    """The suffix a device's PUBLISH is handled under (one of DEVICE_TOPICS or ACTIVATE_REPLY),
+    or None for a topic of its own that the server does not read."""
+    if topic == session_topic(product_key, device_key, ACTIVATE_REPLY):
+        return ACTIVATE_REPLY
+    suffix = device_suffix(topic, product_key, device_key)
+    return suffix if suffix in DEVICE_TOPICS else None
+
+
+def activation(msg_id: str, product_key: str, device_key: str, device_secret: str) -> bytes:
+    """The message that gives a device activated by product secret its own secret."""
+    params = {"productKey": product_key, "deviceKey": device_key, "deviceSecret": device_secret}
+    return request(msg_id, ACTIVATE_METHOD, params)
 
 
 # ---------------------------------------------------------------- envelopes

@@ -77,7 +77,9 @@ class Server:
 
     @property
     def mqtt_port(self) -> int:
-        return self.mqtt if self.mqtt is not None else self.app.mqtt_port
+        port = self.mqtt if self.mqtt is not None else self.app.mqtt_port
+        assert port is not None, "plain MQTT is off"
+        return port
 
     async def call(self, method: str, path: str, expect: int | None = None, **kw: Any) -> Any:
         async with self.http.request(method, self.url + "/api/v1" + path, **kw) as resp:

@@ -55,7 +55,7 @@ def routes() -> set[tuple[str, str]]:
 
 
 def documented_routes() -> set[tuple[str, str]]:
-    return {(m, p) for m, p in routes() if p.startswith(API_PREFIX + "/") or p in ("/healthz", "/metrics")}
+    return {(m, p) for m, p in routes() if p.startswith(API_PREFIX + "/") or p in ("/healthz", "/metrics", "/ca.pem")}
 
 
 def endpoint_headings(text: str) -> list[tuple[str, str]]:

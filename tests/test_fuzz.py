@@ -57,8 +57,12 @@ class Tap:
         self.sent.append((suffix, payload))
         return bool(self.inner.deliver(product_key, device_key, suffix, payload, qos))
 
-    async def disconnect(self, product_key: str, device_key: str) -> bool:
-        return bool(await self.inner.disconnect(product_key, device_key))
+    def deliver_to(self, product_key: str, device_key: str, topic: str, payload: bytes, qos: int = 1) -> bool:
+        self.sent.append((topic, payload))
+        return bool(self.inner.deliver_to(product_key, device_key, topic, payload, qos))
+
+    async def disconnect(self, product_key: str, device_key: str, certificate: str | None = None) -> bool:
+        return bool(await self.inner.disconnect(product_key, device_key, certificate))
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,15 @@ OP, AD, VW = Role.OPERATOR, Role.ADMIN, Role.VIEWER
 RULES: tuple[Rule, ...] = (
     # The API.
     _rule("POST", API + "/products", "product.create", AD),
+    _rule("PATCH", API + "/products/{pk}", "product.update", AD),
+    _rule("POST", API + "/products/{pk}:rotate-secret", "product.rotate-secret", AD),
     _rule("POST", API + "/products/{pk}/devices", "device.create", AD),
     _rule("POST", API + "/products/{pk}/devices:import", "device.import", AD),
     _rule("PATCH", API + "/products/{pk}/devices/{dk}", "device.update", AD),
     _rule("DELETE", API + "/products/{pk}/devices/{dk}", "device.delete", AD),
     _rule("POST", API + "/products/{pk}/devices/{dk}:rotate-secret", "device.rotate-secret", AD),
+    _rule("POST", API + "/products/{pk}/devices/{dk}/certificates", "device.certificate.issue", AD),
+    _rule("DELETE", API + "/products/{pk}/devices/{dk}/certificates/{serial}", "device.certificate.revoke", AD),
     _rule("POST", API + "/products/{pk}/firmware", "firmware.upload", OP),
     _rule("DELETE", API + "/firmware/{id}", "firmware.delete", OP),
     _rule("POST", API + "/publishers", "publisher.add", AD),

@@ -1,8 +1,8 @@
 """The one place where the server process is assembled and torn down.
 
 Objects are built in dependency order, each handed what it needs (no setters closing the graph):
-data dir and keys -> store -> HTTP socket (so fileUrls know the port) -> outbox -> job engine ->
-device reports -> device gateway -> broker -> services -> HTTP site; the job engine starts last.
+data dir, keys and CA -> store -> HTTP sockets (so fileUrls know the port) -> outbox -> job engine ->
+device reports -> device gateway -> broker -> services -> HTTP sites; the job engine starts last.
 Stop runs in reverse and is idempotent.
 """
 
@@ -14,15 +14,17 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 
 from aiohttp import web
 
 from otabox import __version__
-from otabox.server import backup
+from otabox.server import backup, pki
 from otabox.server.accounts import AccountService
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
@@ -52,6 +54,8 @@ LOCK_FILE = "otabox.lock"
 GC_GEN0_THRESHOLD = 50_000
 # Pending HTTP connections the kernel queues (a fleet's downloads can arrive at once).
 HTTP_BACKLOG = 1024
+# Open files a server needs besides its devices' sockets (database, firmware, HTTP clients, logs).
+SPARE_FILES = 100
 
 
 class App:
@@ -72,19 +76,19 @@ class App:
         self.webhooks: WebhookService | None = None
         self.gateway: DeviceGateway | None = None
         self._runner: web.AppRunner | None = None
-        self._http_sock: socket.socket | None = None
+        self._http_socks: list[socket.socket] = []
         self._lock: int | None = None
         self._backups: asyncio.Task[None] | None = None
         self._backups_stop = asyncio.Event()
         self._stopped = False
 
     @property
-    def http_port(self) -> int:
-        return self.services.status.http_port if self.services else 0
+    def http_port(self) -> int | None:
+        return self.services.status.http_port if self.services else None
 
     @property
-    def mqtt_port(self) -> int:
-        return self.services.status.mqtt_port if self.services else 0
+    def mqtt_port(self) -> int | None:
+        return self.services.status.mqtt_port if self.services else None
 
     @property
     def public_url(self) -> str:
@@ -106,6 +110,8 @@ class App:
         os.chmod(self.data_dir, 0o700)
         self._lock = lock_data_dir(self.data_dir)
         keys = Keys.load_or_create(self.data_dir)
+        ca = pki.CertificateAuthority.load_or_create(self.data_dir)
+        tls_mqtt, tls_https, tls_hosts = self._tls(ca)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
         store = self.store = await Store.open(self.data_dir / "otabox.db")
         await store.mark_all_offline()
@@ -115,11 +121,19 @@ class App:
         if swept:
             log.warning("removed %d firmware file(s) no record refers to (left by a crash)", len(swept))
 
-        self._http_sock = socket.create_server(
-            (s.host, s.http_port), family=_family(s.host), backlog=HTTP_BACKLOG, reuse_port=False
-        )
-        http_port = int(self._http_sock.getsockname()[1])
-        urls = FileUrls(keys, s.public_url or _default_public_url(s.host, http_port), s.download_token_ttl)
+        http_sock = self._listen(s.http_port) if s.listens("http_port") else None
+        https_sock = self._listen(s.https_port) if tls_https is not None and s.listens("https_port") else None
+        http_port = _bound(http_sock)
+        https_port = _bound(https_sock)
+        if s.public_url:
+            public_url = s.public_url
+        elif http_port is not None:
+            public_url = _default_public_url("http", s.host, http_port)
+        else:
+            assert https_port is not None  # settings refuse a server with no HTTP listener at all
+            # The name devices check the certificate against, not a bind address.
+            public_url = _default_public_url("https", tls_hosts[0] if tls_hosts else s.host, https_port)
+        urls = FileUrls(keys, public_url, s.download_token_ttl)
 
         outbox = Outbox()
         deltas = self.deltas = DeltaService(store, artifacts, s.delta_max_bytes, s.delta_timeout, s.delta_algorithm)
@@ -127,10 +141,19 @@ class App:
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
         gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox, s.last_seen_interval)
-        self.broker = OtaBroker(gateway, outbox, s.host, s.mqtt_port, s.connect_timeout, s.mqtt_max_packet_bytes)
+        self.broker = OtaBroker(
+            gateway,
+            outbox,
+            s.host,
+            s.mqtt_port if s.listens("mqtt_port") else None,
+            s.connect_timeout,
+            s.mqtt_max_packet_bytes,
+            tls=tls_mqtt,
+            tls_port=s.mqtts_port if tls_mqtt is not None and s.listens("mqtts_port") else None,
+        )
         await self.broker.start()
 
-        status = Status(self.version, http_port, self.broker.port)
+        status = Status(self.version, http_port, self.broker.port, https_port, self.broker.tls_port)
         webhooks = self.webhooks = WebhookService(store, keys, timeout=s.webhook_timeout)
         accounts = AccountService(store, admin_hash)
         await accounts.ensure_builtin_admin()
@@ -146,7 +169,7 @@ class App:
             artifacts=artifacts,
             urls=urls,
             outbox=outbox,
-            registry=Registry(store, keys, reports, gateway),
+            registry=Registry(store, keys, reports, gateway, ca),
             firmware=firmware,
             bundles=BundleService(store, artifacts, firmware),
             jobs=JobService(store, engine),
@@ -159,21 +182,47 @@ class App:
         )
         self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
         await self._runner.setup()
-        await web.SockSite(self._runner, self._http_sock).start()
+        if http_sock is not None:
+            await web.SockSite(self._runner, http_sock).start()
+        if https_sock is not None:
+            await web.SockSite(self._runner, https_sock, ssl_context=tls_https).start()
 
         await engine.start()
         await webhooks.start()
         if s.backup_every > 0:
             self._backups = asyncio.create_task(self._scheduled_backups(), name="otabox-backups")
-        write_private(self.data_dir / "ports.json", json.dumps({"http": http_port, "mqtt": status.mqtt_port}).encode())
+        write_private(self.data_dir / "ports.json", json.dumps(status.ports()).encode())
         status.ready.set()
         log.info(
-            "otabox %s ready: HTTP %s, MQTT port %s, data in %s",
+            "otabox %s ready: fileUrls %s, listening on %s, data in %s",
             self.version,
             urls.public_url,
-            status.mqtt_port,
+            ", ".join(f"{name} {port}" for name, port in status.ports().items()),
             self.data_dir,
         )
+
+    def _listen(self, port: int) -> socket.socket:
+        sock = socket.create_server(
+            (self.settings.host, port), family=_family(self.settings.host), backlog=HTTP_BACKLOG, reuse_port=False
+        )
+        self._http_socks.append(sock)
+        return sock
+
+    def _tls(self, ca: pki.CertificateAuthority) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, list[str]]:
+        """(MQTT context, HTTPS context, --tls-self-signed hosts) when TLS is on. Raises OSError."""
+        s = self.settings
+        if not s.tls:
+            return None, None, []
+        hosts = pki.parse_hosts(s.tls_self_signed) if s.tls_self_signed else []
+        if hosts:
+            cert, key = ca.server_files(hosts)
+        else:
+            cert, key = Path(s.tls_cert).expanduser(), Path(s.tls_key).expanduser()
+        try:
+            # Devices may present a certificate of otabox's CA; browsers are asked for none.
+            return pki.server_context(cert, key, client_ca=ca.cert_path), pki.server_context(cert, key), hosts
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f"TLS certificate {cert} / key {key} unusable: {exc}") from exc
 
     async def _admin_token(self, store: Store) -> str:
         env_token = self.env.get("OTABOX_ADMIN_TOKEN", "").strip()
@@ -235,8 +284,8 @@ class App:
             await self._lag.stop()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._http_sock is not None:
-            self._http_sock.close()
+        for sock in self._http_socks:
+            sock.close()
         if self.broker is not None:
             try:
                 await self.broker.shutdown()
@@ -291,7 +340,27 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _default_public_url(host: str, port: int) -> str:
+def _bound(sock: socket.socket | None) -> int | None:
+    return None if sock is None else int(sock.getsockname()[1])
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each device holds a socket); returns it.
+
+    The hard limit is the host's to set (systemd LimitNOFILE=, ulimit -Hn): docs/deployment.md.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def _default_public_url(scheme: str, host: str, port: int) -> str:
     if host in ("", "0.0.0.0", "::"):
         try:
             host = socket.gethostbyname(socket.gethostname())
@@ -300,11 +369,17 @@ def _default_public_url(host: str, port: int) -> str:
         log.warning("fileUrls will use %s; set --public-url to the address devices reach", host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
+    files = raise_open_files_limit()
+    log.info(
+        "open files limit %d: room for about %d connected devices (raise the hard limit for more: LimitNOFILE=)",
+        files,
+        max(0, files - SPARE_FILES),
+    )
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -318,11 +393,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     tune_gc()
     if app.printed_token:
         print(f"Admin token (shown once, only its hash is stored): {app.printed_token}", flush=True)
-    print(
-        f"otabox {app.version}: HTTP {app.public_url} (port {app.http_port}), MQTT port {app.mqtt_port},"
-        f" data {app.data_dir}",
-        flush=True,
-    )
+    assert app.services is not None
+    listening = ", ".join(f"{name.upper()} port {port}" for name, port in app.services.status.ports().items())
+    print(f"otabox {app.version}: {listening}; fileUrls {app.public_url}; data {app.data_dir}", flush=True)
     if ready is not None:
         ready.set()
     try:

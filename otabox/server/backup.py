@@ -31,6 +31,7 @@ MANIFEST = "manifest.json"
 DB = "otabox.db"
 SERVER_KEY = "server.key"
 SIGNING_KEY = "keys/signing.pem"
+CA_DIR = "ca"  # otabox.server.pki.CA_DIR
 _CHUNK = 1024 * 1024
 Progress = Callable[[int, int], None]
 
@@ -74,6 +75,12 @@ def write(data_dir: Path, out: IO[bytes], *, signing_key: Path | None = None, gz
         members: list[tuple[str, Path]] = [(DB, snapshot), (SERVER_KEY, data_dir / SERVER_KEY)]
         if signing_key is not None and signing_key.exists():
             members.append((SIGNING_KEY, signing_key))
+        # otabox's CA: the device certificates it issued and the server certificate it made
+        # chain to this key; without it every device certificate would have to be issued anew.
+        ca = data_dir / CA_DIR
+        for path in sorted(ca.iterdir()) if ca.is_dir() else []:
+            if path.is_file():
+                members.append((f"{CA_DIR}/{path.name}", path))
         firmware = data_dir / "firmware"
         for path in sorted(firmware.glob("??/*")) if firmware.is_dir() else []:
             members.append((f"firmware/{path.parent.name}/{path.name}", path))

@@ -46,6 +46,7 @@ class Issued:
 
     serial: str
     certificate: str
+    fingerprint: str  # sha256 of the DER, hex
     not_after: float
     private_key: str | None = None
 
@@ -174,6 +175,8 @@ class CertificateAuthority:
         self, product_key: str, device_key: str, csr_pem: str | None, validity_days: int = DEVICE_DAYS
     ) -> Issued:
         """Sign a device certificate: from the device's CSR, or for a key made here. Raises BadRequest."""
+        if not 1 <= validity_days <= MAX_DEVICE_DAYS:
+            raise BadRequest(f"validityDays must be 1..{MAX_DEVICE_DAYS}")
         private: str | None = None
         public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
         if csr_pem is None:
@@ -205,6 +208,7 @@ class CertificateAuthority:
         return Issued(
             serial=serial_hex(cert.serial_number),
             certificate=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
             not_after=not_after.timestamp(),
             private_key=private,
         )

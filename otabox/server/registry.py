@@ -8,13 +8,15 @@ import json
 import re
 import secrets
 import string
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from otabox import protocol
 from otabox.errors import BadRequest, Conflict, NotFound
-from otabox.models import Device, Product
+from otabox.models import Device, DeviceCertificate, Product
 from otabox.server.keys import Keys
+from otabox.server.pki import DEVICE_DAYS, CertificateAuthority, Issued
 from otabox.server.store import DuplicateError, Store
 
 DEVICE_AUTH = ("sign", "plain")
@@ -29,9 +31,16 @@ class Joiner(Protocol):
 
 
 class DeviceSessions(Protocol):
-    """Told when a device's credentials end (deleted, new secret): forget them, end its connection."""
+    """Told when a device's credentials change, to keep its live connection true to them."""
 
-    async def forget(self, product_key: str, device_key: str) -> None: ...
+    async def forget(self, product_key: str, device_key: str) -> None:
+        """Deleted or a new secret: forget what is cached, end its connection."""
+
+    async def require_certificate(self, product_key: str, device_key: str, required: bool) -> None:
+        """Read its rules again at the next login; when required, end a connection made without one."""
+
+    async def certificate_revoked(self, product_key: str, device_key: str, serial: str) -> None:
+        """End its connection if it logged in with this certificate."""
 
 
 def check_key(value: Any, field: str) -> str:
@@ -65,6 +74,12 @@ def new_secret(value: Any = None) -> str:
         return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(32))
     if not isinstance(value, str) or not 8 <= len(value) <= 128 or not value.isprintable():
         raise BadRequest("deviceSecret must be 8-128 printable characters")
+    return value
+
+
+def check_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{field} must be true or false")
     return value
 
 
@@ -143,11 +158,14 @@ def import_rows(text: str, content_type: str) -> tuple[list[dict[str, Any]], dic
 
 
 class Registry:
-    def __init__(self, store: Store, keys: Keys, joiner: Joiner, sessions: DeviceSessions) -> None:
+    def __init__(
+        self, store: Store, keys: Keys, joiner: Joiner, sessions: DeviceSessions, ca: CertificateAuthority
+    ) -> None:
         self.store = store
         self.keys = keys
         self.joiner = joiner
         self.sessions = sessions
+        self.ca = ca
 
     async def product(self, product_key: str) -> Product:
         """Raises NotFound."""
@@ -163,13 +181,50 @@ class Registry:
             raise NotFound(f"device {device_key!r} not found in {product_key!r}")
         return device
 
-    async def create_product(self, body: Mapping[str, Any]) -> Product:
+    async def create_product(self, body: Mapping[str, Any]) -> tuple[Product, str | None]:
+        """Returns the product with its product secret (shown once) when dynamicActivation is on."""
+        unknown = set(body) - {"productKey", "name", "dynamicActivation"}
+        if unknown:
+            raise BadRequest(f"unknown product field(s) {sorted(unknown)}")
         pk = check_key(body.get("productKey"), "productKey")
         name = check_text(body.get("name", pk), "name")
+        secret = new_secret() if check_bool(body.get("dynamicActivation", False), "dynamicActivation") else None
         try:
-            return await self.store.create_product(pk, name)
+            product = await self.store.create_product(pk, name, self.keys.encrypt(secret) if secret else None)
         except DuplicateError as exc:
             raise Conflict(f"product {pk!r} already exists", code="duplicate") from exc
+        return product, secret
+
+    async def update_product(self, product_key: str, body: Mapping[str, Any]) -> tuple[Product, str | None]:
+        """PATCH: `dynamicActivation` on (a new product secret, returned once) or off (the secret is
+        dropped; devices keep their own secrets). Raises BadRequest, NotFound."""
+        product = await self.product(product_key)
+        unknown = set(body) - {"dynamicActivation"}
+        if unknown:
+            raise BadRequest(f"unknown product field(s) {sorted(unknown)}; a product takes dynamicActivation")
+        secret = None
+        if "dynamicActivation" in body:
+            wanted = check_bool(body["dynamicActivation"], "dynamicActivation")
+            if wanted and not product.dynamic_activation:
+                secret = new_secret()
+                await self.store.set_product_activation(product_key, self.keys.encrypt(secret))
+            elif not wanted and product.dynamic_activation:
+                await self.store.set_product_activation(product_key, None)
+        return await self.product(product_key), secret
+
+    async def rotate_product_secret(self, product_key: str) -> str:
+        """A new product secret (returned once); the old one activates no device from now on.
+        Raises NotFound, Conflict (the product has no dynamic activation)."""
+        product = await self.product(product_key)
+        if not product.dynamic_activation:
+            raise Conflict(
+                f"product {product_key!r} has no dynamic activation: turn it on with"
+                ' PATCH {"dynamicActivation": true}, which returns its first product secret',
+                code="no-dynamic-activation",
+            )
+        secret = new_secret()
+        await self.store.set_product_activation(product_key, self.keys.encrypt(secret))
+        return secret
 
     async def create_device(self, product_key: str, body: Mapping[str, Any]) -> tuple[Device, str]:
         """Register one device; returns it with its secret (shown once). Raises BadRequest, NotFound, Conflict."""
@@ -178,29 +233,75 @@ class Registry:
         secret = new_secret(body.get("deviceSecret"))
         tags = check_tags(body.get("tags"))
         auth = _auth(body.get("auth", "sign"))
+        require_certificate = check_bool(body.get("requireCertificate", False), "requireCertificate")
         try:
             await self.store.create_devices(product_key, [(dk, self.keys.encrypt(secret), auth, tags)])
         except DuplicateError as exc:
             raise Conflict(f"device {dk!r} already exists in {product_key!r}", code="duplicate") from exc
+        if require_certificate:
+            await self.store.set_require_certificate(product_key, dk, True)
         await self.joiner.devices_created(product_key, [dk])
         return await self.device(product_key, dk), secret
 
     async def update_device(self, product_key: str, device_key: str, body: Mapping[str, Any]) -> Device:
-        """PATCH: `tags` replaces the device's tags. Raises BadRequest, NotFound."""
+        """PATCH: `tags` replaces the device's tags; `requireCertificate` (true: its connection made
+        without a certificate ends). Checks everything before changing anything. Raises BadRequest, NotFound."""
         await self.device(product_key, device_key)
         unknown = set(body) - {"tags", "requireCertificate"}
         if unknown:
-            raise BadRequest(f"unknown device field(s) {sorted(unknown)}; a device takes tags")
-        if "requireCertificate" in body:
-            raise BadRequest("requireCertificate needs device certificates, which this server does not have yet")
-        if "tags" in body:
-            await self.store.set_device_tags(product_key, device_key, check_tags(body["tags"]))
+            raise BadRequest(f"unknown device field(s) {sorted(unknown)}; a device takes tags and requireCertificate")
+        tags = check_tags(body["tags"]) if "tags" in body else None
+        required = (
+            check_bool(body["requireCertificate"], "requireCertificate") if "requireCertificate" in body else None
+        )
+        if tags is not None:
+            await self.store.set_device_tags(product_key, device_key, tags)
+        if required is not None:
+            await self.store.set_require_certificate(product_key, device_key, required)
+            await self.sessions.require_certificate(product_key, device_key, required)
         return await self.device(product_key, device_key)
+
+    # ------------------------------------------------------------ device certificates
+
+    async def issue_certificate(self, product_key: str, device_key: str, body: Mapping[str, Any]) -> Issued:
+        """Sign the device's CSR (`csr`), or make its key too (returned once). Raises BadRequest, NotFound."""
+        await self.device(product_key, device_key)
+        unknown = set(body) - {"csr", "validityDays"}
+        if unknown:
+            raise BadRequest(f"unknown certificate field(s) {sorted(unknown)}; give csr and/or validityDays")
+        csr = body.get("csr")
+        if csr is not None and (not isinstance(csr, str) or not csr.strip()):
+            raise BadRequest("csr must be a PEM certificate signing request")
+        days = body.get("validityDays", DEVICE_DAYS)
+        if not isinstance(days, int) or isinstance(days, bool):
+            raise BadRequest("validityDays must be a whole number of days")
+        issued = self.ca.issue_device(product_key, device_key, csr, days)
+        await self.store.add_certificate(
+            DeviceCertificate(issued.serial, product_key, device_key, issued.fingerprint, issued.not_after, time.time())
+        )
+        return issued
+
+    async def certificates(self, product_key: str, device_key: str) -> list[DeviceCertificate]:
+        """Raises NotFound."""
+        await self.device(product_key, device_key)
+        return await self.store.list_certificates(product_key, device_key)
+
+    async def revoke_certificate(self, product_key: str, device_key: str, serial: str) -> DeviceCertificate:
+        """Refused from now on; the live connection using it ends. Idempotent. Raises NotFound."""
+        await self.device(product_key, device_key)
+        if not await self.store.revoke_certificate(product_key, device_key, serial.lower()):
+            raise NotFound(f"device {product_key}/{device_key} has no certificate {serial!r}")
+        await self.sessions.certificate_revoked(product_key, device_key, serial.lower())
+        cert = await self.store.get_certificate(serial.lower())
+        assert cert is not None
+        return cert
 
     async def delete_device(self, product_key: str, device_key: str) -> None:
         """Remove a device: its active task ends canceled, its history stays, its connection ends. Raises NotFound."""
         if not await self.store.delete_device(product_key, device_key):
             raise NotFound(f"device {device_key!r} not found in {product_key!r}")
+        # Its certificates name its keys: they must not identify a device registered later under them.
+        await self.store.revoke_all_certificates(product_key, device_key)
         await self.sessions.forget(product_key, device_key)
 
     async def rotate_secret(self, product_key: str, device_key: str) -> str:

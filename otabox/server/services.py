@@ -30,9 +30,16 @@ class Status:
     """What /healthz tells: the version, the bound ports and whether start-up finished."""
 
     version: str
-    http_port: int
-    mqtt_port: int
+    http_port: int | None  # None: that listener is off
+    mqtt_port: int | None
+    https_port: int | None = None
+    mqtts_port: int | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def ports(self) -> dict[str, int]:
+        """The listeners that run, as ports.json has them: {"http", "mqtt", "https", "mqtts"}."""
+        ports = {"http": self.http_port, "mqtt": self.mqtt_port, "https": self.https_port, "mqtts": self.mqtts_port}
+        return {name: port for name, port in ports.items() if port is not None}
 
 
 @dataclass(frozen=True, slots=True)

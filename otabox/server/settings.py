@@ -26,8 +26,18 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", str, "./otabox-data", "Folder for the database, firmware files and keys."),
     Setting("host", str, "0.0.0.0", "Address the MQTT and HTTP listeners bind to."),
-    Setting("http_port", int, 8080, "HTTP port (API, downloads, console); 0 binds a free port."),
-    Setting("mqtt_port", int, 1883, "MQTT port for devices; 0 binds a free port."),
+    Setting("http_port", int, 8080, "HTTP port (API, downloads, console); 0 binds a free port, -1 turns it off."),
+    Setting("mqtt_port", int, 1883, "MQTT port for devices; 0 binds a free port, -1 turns it off."),
+    Setting("tls_cert", str, "", "Server certificate (PEM, chain allowed) for MQTT over TLS and HTTPS; with tls_key."),
+    Setting("tls_key", str, "", "Private key (PEM) of tls_cert."),
+    Setting(
+        "tls_self_signed",
+        str,
+        "",
+        "Comma list of host names/IPs: TLS with otabox's own CA (<data-dir>/ca/), made on first start.",
+    ),
+    Setting("mqtts_port", int, 8883, "MQTT-over-TLS port when TLS is on; 0 binds a free port, -1 turns it off."),
+    Setting("https_port", int, 8443, "HTTPS port when TLS is on; 0 binds a free port, -1 turns it off."),
     Setting(
         "public_url",
         str,
@@ -100,6 +110,11 @@ class Settings:
     host: str = "0.0.0.0"
     http_port: int = 8080
     mqtt_port: int = 1883
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_self_signed: str = ""
+    mqtts_port: int = 8883
+    https_port: int = 8443
     public_url: str = ""
     signing_key: str = ""
     max_upload_bytes: int = 1024**3
@@ -123,6 +138,17 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def tls(self) -> bool:
+        """TLS listeners are on (from PEM files or otabox's own CA)."""
+        return bool(self.tls_cert or self.tls_self_signed)
+
+    def listens(self, port_setting: str) -> bool:
+        """Whether the listener of this port setting runs (-1 = off; the TLS ones only with TLS on)."""
+        if port_setting in ("mqtts_port", "https_port") and not self.tls:
+            return False
+        return bool(getattr(self, port_setting) >= 0)
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -191,9 +217,10 @@ def load(
             raw = getattr(args, s.name, None)
             if raw is not None:
                 values[s.name] = _convert(s, raw, "--" + s.name.replace("_", "-"))
-    for port in ("http_port", "mqtt_port"):
-        if not 0 <= values[port] <= 65535:
-            raise SettingsError(f"{port} must be between 0 and 65535")
+    for port in PORTS:
+        if not -1 <= values[port] <= 65535:
+            raise SettingsError(f"{port} must be between 0 and 65535 (or -1: off)")
+    _check_tls(values)
     if values["max_upload_bytes"] <= 0:
         raise SettingsError("max_upload_bytes must be positive")
     if values["delta_algorithm"] not in delta.FORMATS:
@@ -201,6 +228,25 @@ def load(
     if values["mqtt_max_packet_bytes"] < 1024:
         raise SettingsError("mqtt_max_packet_bytes must be at least 1024")
     return Settings(**values)
+
+
+PORTS = ("http_port", "mqtt_port", "mqtts_port", "https_port")
+
+
+def _check_tls(values: dict[str, Any]) -> None:
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise SettingsError("tls_cert and tls_key go together: give both files or neither")
+    if values["tls_cert"] and values["tls_self_signed"]:
+        raise SettingsError("give either tls_cert/tls_key or tls_self_signed, not both")
+    tls = bool(values["tls_cert"] or values["tls_self_signed"])
+    if tls and values["tls_self_signed"] and not any(h.strip() for h in values["tls_self_signed"].split(",")):
+        raise SettingsError("tls_self_signed needs at least one host name or IP")
+    mqtt = values["mqtt_port"] >= 0 or (tls and values["mqtts_port"] >= 0)
+    http = values["http_port"] >= 0 or (tls and values["https_port"] >= 0)
+    if not mqtt:
+        raise SettingsError("no MQTT listener left: mqtt_port is -1 and MQTT over TLS is off")
+    if not http:
+        raise SettingsError("no HTTP listener left: http_port is -1 and HTTPS is off")
 
 
 def markdown_table() -> str:

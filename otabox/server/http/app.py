@@ -30,6 +30,8 @@ async def healthz(request: web.Request) -> web.Response:
             "version": svc.status.version,
             "mqttPort": svc.status.mqtt_port,
             "httpPort": svc.status.http_port,
+            "mqttsPort": svc.status.mqtts_port,
+            "httpsPort": svc.status.https_port,
             "devicesConnected": svc.outbox.connected_count(),
         }
     )

@@ -29,6 +29,11 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
 - Packets over `max_packet` bytes are refused from their fixed header, before a byte of the
   body is read (stock read any size); a malformed packet closes the connection with one INFO
   line (stock logged a traceback per packet), and so does a SUBSCRIBE without a filter.
+- A second listener for MQTT over TLS (`tls`): the handshake runs in the connection's own task
+  under `connect_timeout` (a failed one, a plain-text client included, is one INFO line and a
+  closed socket; asyncio's own TLS server logs nothing and has no such deadline), then the
+  connection is served as on the plain listener, with the client certificate (if any) handed
+  to `authenticate`.
 - Will messages of devices are not published (devices may only use their own topics and
   nobody else subscribes to them); stock broadcast them.
 
@@ -42,13 +47,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
+from asyncio import sslproto
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, Server
 from amqtt.codecs_amqtt import decode_packet_id, decode_string, read_or_raise
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -76,6 +83,7 @@ class LoginResult:
     product_key: str = ""
     device_key: str = ""
     refuse_code: int = 0  # 0 = accepted; else BAD_USERNAME_PASSWORD or NOT_AUTHORIZED
+    certificate: str = ""  # serial of the device certificate it logged in with, if any
 
 
 REFUSED_BAD_CREDENTIALS = LoginResult(refuse_code=BAD_USERNAME_PASSWORD)
@@ -86,8 +94,16 @@ class DeviceHooks(Protocol):
     """What the application supplies to the broker."""
 
     async def authenticate(
-        self, client_id: str | None, username: str | None, password: str | None, address: str
-    ) -> LoginResult: ...
+        self,
+        client_id: str | None,
+        username: str | None,
+        password: str | None,
+        address: str,
+        certificate: bytes | None = None,
+    ) -> LoginResult:
+        """`certificate`: the DER client certificate presented on the TLS listener (its chain to
+        the device CA already verified by the handshake)."""
+        ...
 
     async def device_connected(self, product_key: str, device_key: str) -> None: ...
 
@@ -121,6 +137,13 @@ async def _read_publish_header(
 PublishVariableHeader.from_stream = classmethod(_read_publish_header)  # type: ignore[method-assign, assignment]
 
 
+# asyncio allocates (and zeroes) a read buffer of SSLProtocol.max_size, 256 KiB, for every TLS
+# connection: 2.5 GB for 10,000 devices doing nothing (bench/RESULTS.md). A TLS record is at most
+# 16 KiB; a smaller buffer only means more reads of a large upload. Process-wide (HTTPS too), on
+# purpose; the SDK's small_tls_buffers() does the same for device processes.
+TLS_READ_BUFFER = 16 * 1024
+sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
 _background: set[asyncio.Task[Any]] = set()
 
 
@@ -140,10 +163,21 @@ class OtaBroker(Broker):
     """amqtt Broker bound to otabox's device registry through `DeviceHooks`."""
 
     def __init__(
-        self, hooks: DeviceHooks, outbox: Outbox, host: str, port: int, connect_timeout: float, max_packet: int
+        self,
+        hooks: DeviceHooks,
+        outbox: Outbox,
+        host: str,
+        port: int | None,
+        connect_timeout: float,
+        max_packet: int,
+        tls: ssl.SSLContext | None = None,
+        tls_port: int | None = None,
     ) -> None:
+        """`port` None: no plain listener; `tls` with `tls_port`: the MQTT-over-TLS listener."""
+        # amqtt needs a "default" listener; without a bind it starts none (plain MQTT off).
+        bind = f"{host}:{port}" if port is not None else None
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
+            "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": -1}},
             # An empty dict (not None) means "load no plugins" (None would load entry points).
             "plugins": {},
         }
@@ -152,6 +186,10 @@ class OtaBroker(Broker):
         self.outbox = outbox
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
+        self.host = host
+        self.tls = tls
+        self._tls_port = tls_port
+        self.tls_handshake_failures = 0
         # Read by /metrics (otabox.server.metrics).
         self.logins_accepted = 0
         self.logins_refused = 0
@@ -177,12 +215,51 @@ class OtaBroker(Broker):
             )
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
 
+    async def _start_listeners(self) -> None:
+        await super()._start_listeners()
+        if self.tls is not None and self._tls_port is not None:
+            # Not an amqtt listener: its config would copy "default"'s settings into this one
+            # and wrap the socket in TLS before we could time or log the handshake.
+            instance = await asyncio.start_server(
+                self._tls_connected, self.host, self._tls_port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
+            self._servers["tls"] = Server("tls", instance, -1)
+
+    def _bound_port(self, listener: str) -> int | None:
+        entry = self._servers.get(listener)
+        if entry is None:
+            return None
+        # Our listeners are TCP (_create_server_instance), never amqtt's websockets or external one.
+        assert isinstance(entry.instance, asyncio.Server)
+        return int(entry.instance.sockets[0].getsockname()[1])
+
     @property
-    def port(self) -> int:
-        server = self._servers["default"].instance
-        # Our one listener is TCP (_create_server_instance), never amqtt's websockets or external one.
-        assert isinstance(server, asyncio.Server)
-        return int(server.sockets[0].getsockname()[1])
+    def port(self) -> int | None:
+        """The plain MQTT port, None when that listener is off."""
+        return self._bound_port("default")
+
+    @property
+    def tls_port(self) -> int | None:
+        """The MQTT-over-TLS port, None when TLS is off."""
+        return self._bound_port("tls")
+
+    async def _tls_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self.tls is not None
+        peer = writer.get_extra_info("peername")
+        address = peer[0] if peer else "?"
+        try:
+            # One deadline for the handshake and (in _serve) the CONNECT after it.
+            async with asyncio.timeout(self.connect_timeout):
+                await writer.start_tls(self.tls)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.tls_handshake_failures += 1
+            # A plain-text MQTT client shows as "wrong version number", an unknown CA as
+            # "certificate unknown"/"unknown ca": worth one line, never a traceback.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.info("TLS handshake with %s failed: %s", address, reason)
+            writer.transport.abort()
+            return
+        await self.stream_connected(reader, writer, listener_name="tls")
 
     # ------------------------------------------------------------ connections
 
@@ -221,7 +298,11 @@ class OtaBroker(Broker):
             return  # refused by protocol rules; CONNACK already sent
         handler, incoming = connected
 
-        result = await self.hooks.authenticate(incoming.client_id, incoming.username, incoming.password, address)
+        tls = writer.get_ssl_info()
+        certificate = tls.getpeercert(binary_form=True) if tls is not None else None
+        result = await self.hooks.authenticate(
+            incoming.client_id, incoming.username, incoming.password, address, certificate
+        )
         if result.refuse_code:
             self.logins_refused += 1
             # Refused before any session is touched: a live session with this id is unaffected.
@@ -238,6 +319,7 @@ class OtaBroker(Broker):
         session.keep_alive = math.ceil(incoming.keep_alive * 1.5) if incoming.keep_alive > 0 else 0
         session.transitions.connect()
         handler.attach(session, reader, writer)
+        handler.certificate = result.certificate
         self._sessions[key] = (session, handler)
         self._identity[key] = (pk, dk)
         served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -339,8 +421,8 @@ class OtaBroker(Broker):
         # Retained messages are not kept: the device protocol has no use for them, and kept
         # they would be memory any device could fill without bound. The message itself is
         # handled as if the flag were not set.
-        suffix = topic[len(protocol.device_prefix(pk, dk)) :]
-        if suffix in protocol.DEVICE_TOPICS:
+        suffix = protocol.handled_suffix(topic, pk, dk)
+        if suffix is not None:
             await self._call_hook(self.hooks.device_message(pk, dk, suffix, data))
         # A device may subscribe to its own concrete topics: serve those from the exact index.
         for target, qos in self._subscriptions.get(topic, ()):

@@ -120,6 +120,7 @@ class Handler(BrokerProtocolHandler):
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.max_packet = max_packet
         self._closed = False
+        self.certificate = ""  # serial of the device certificate the connection logged in with
 
     @classmethod
     async def read_connect(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from otabox import protocol
+from otabox.server import pki
 from otabox.server.keys import Keys
 from otabox.server.mqtt.broker import REFUSED_BAD_CREDENTIALS, REFUSED_NOT_AUTHORIZED, LoginResult
 from otabox.server.store import Store
@@ -45,7 +47,9 @@ class KnownDevice:
 class Sender(Protocol):
     def deliver(self, product_key: str, device_key: str, suffix: str, payload: bytes, qos: int = 1) -> bool: ...
 
-    async def disconnect(self, product_key: str, device_key: str) -> bool: ...
+    def deliver_to(self, product_key: str, device_key: str, topic: str, payload: bytes, qos: int = 1) -> bool: ...
+
+    async def disconnect(self, product_key: str, device_key: str, certificate: str | None = None) -> bool: ...
 
 
 class JobHooks(Protocol):
@@ -82,11 +86,18 @@ class DeviceGateway:
         self.last_seen_interval = last_seen_interval
         self._last_seen: dict[tuple[str, str], float] = {}
         self._secrets: dict[tuple[str, str], KnownDevice] = {}
+        # Devices just logged in with the product secret, owed their device secret once served.
+        self._activating: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------ login
 
     async def authenticate(
-        self, client_id: str | None, username: str | None, password: str | None, address: str
+        self,
+        client_id: str | None,
+        username: str | None,
+        password: str | None,
+        address: str,
+        certificate: bytes | None = None,
     ) -> LoginResult:
         try:
             login = protocol.parse_login(client_id, username)
@@ -102,16 +113,10 @@ class DeviceGateway:
         if self.limiter.locked(pair_key) or self.limiter.locked(addr_key, limit=self.limiter.limit * ADDRESS_FACTOR):
             log.warning("login refused for %s from %s: too many failed logins, locked out", who, address)
             return REFUSED_NOT_AUTHORIZED
-        creds = await self._credentials(login.product_key, login.device_key)
-        ok = False
-        reason = "unknown device"
-        if creds is not None:
-            try:
-                ok = protocol.check_password(login, password or "", creds.secret, creds.auth)
-                reason = "bad signature or client id"
-            except protocol.ProtocolError as exc:
-                reason = str(exc)
-        if not ok:
+        known = await self._credentials(login.product_key, login.device_key)
+        refused = await self._refusal(login, password or "", known, certificate)
+        if refused is not None:
+            reason, code = refused
             log.warning("login refused for %s from %s: %s", who, address, reason)
             self.limiter.fail(dev_key, pair_key, addr_key)
             # Guesses spread over many addresses are slowed, not locked out: each wrong answer
@@ -119,9 +124,63 @@ class DeviceGateway:
             over = self.limiter.count(dev_key) - self.limiter.limit
             if over > 0:
                 await asyncio.sleep(min(MAX_TARPIT, TARPIT_STEP * over))
-            return REFUSED_BAD_CREDENTIALS
+            return code
+        assert known is not None
         self.limiter.clear(pair_key)
-        return LoginResult(login.product_key, login.device_key)
+        key = (login.product_key, login.device_key)
+        if login.secure_mode == protocol.MODE_PRODUCT_SECRET:
+            self._activating.add(key)  # its secret goes out once the connection is served
+        elif known.record.dynamic_activation and not known.record.activated:
+            # It logs in with its own secret: it has it, so the product secret may no longer stand in.
+            await self._activated(*key)
+        serial = pki.certificate_serial(certificate) if certificate is not None else ""
+        return LoginResult(login.product_key, login.device_key, certificate=serial)
+
+    async def _refusal(
+        self, login: protocol.LoginRequest, password: str, known: KnownDevice | None, certificate: bytes | None
+    ) -> tuple[str, LoginResult] | None:
+        """Why this login is refused (and the CONNACK for it), or None when it may go on."""
+        if known is None:
+            return "unknown device", REFUSED_BAD_CREDENTIALS
+        if login.secure_mode == protocol.MODE_PRODUCT_SECRET:
+            if not known.record.dynamic_activation:
+                return "secure mode 3 but its product has no dynamic activation", REFUSED_NOT_AUTHORIZED
+            if known.record.activated:
+                return "secure mode 3 but the device is activated already", REFUSED_NOT_AUTHORIZED
+            secret_enc = await self.store.product_secret(login.product_key)
+            if secret_enc is None:
+                return "secure mode 3 but its product has no dynamic activation", REFUSED_NOT_AUTHORIZED
+            secret, mode, auth = self.keys.decrypt(secret_enc), protocol.MODE_PRODUCT_SECRET, "sign"
+        else:
+            secret, mode, auth = known.secret, protocol.MODE_DEVICE_SECRET, known.auth
+        try:
+            if not protocol.check_password(login, password, secret, auth, mode):
+                return "bad signature or client id", REFUSED_BAD_CREDENTIALS
+        except protocol.ProtocolError as exc:
+            return str(exc), REFUSED_BAD_CREDENTIALS
+        if certificate is not None:
+            why = await self._certificate_refusal(login, certificate)
+            if why is not None:
+                return why, REFUSED_NOT_AUTHORIZED
+        elif known.record.require_certificate:
+            return "the device may log in only with its certificate", REFUSED_NOT_AUTHORIZED
+        return None
+
+    async def _certificate_refusal(self, login: protocol.LoginRequest, der: bytes) -> str | None:
+        # The handshake verified the chain to otabox's CA; who the certificate belongs to and
+        # whether it still counts is the store's record of its serial.
+        try:
+            serial = pki.certificate_serial(der)
+        except ValueError:
+            return "unreadable client certificate"
+        cert = await self.store.get_certificate(serial)
+        if cert is None:
+            return f"certificate {serial} is not one otabox issued"
+        if cert.revoked_at is not None:
+            return f"certificate {serial} is revoked"
+        if (cert.product_key, cert.device_key) != (login.product_key, login.device_key):
+            return f"certificate {serial} belongs to {cert.product_key}/{cert.device_key}"
+        return None
 
     async def _credentials(self, pk: str, dk: str) -> KnownDevice | None:
         """A device's login record with its secret decrypted; read once, then kept until `forget`
@@ -135,6 +194,19 @@ class DeviceGateway:
             cached = self._secrets[key] = KnownDevice(self.keys.decrypt(creds.secret_enc), creds)
         return cached
 
+    async def _activated(self, pk: str, dk: str) -> None:
+        if await self.store.mark_activated(pk, dk):
+            log.info("device %s/%s activated: secure mode 3 is refused for it from now on", pk, dk)
+        self._secrets.pop((pk, dk), None)
+
+    def _send_activation(self, pk: str, dk: str) -> None:
+        known = self._secrets.get((pk, dk))
+        if known is None:
+            return
+        payload = protocol.activation(uuid.uuid4().hex, pk, dk, known.secret)
+        if self.sender.deliver_to(pk, dk, protocol.session_topic(pk, dk, protocol.ACTIVATE_INFO), payload):
+            log.info("device %s/%s logged in with the product secret; its device secret was sent", pk, dk)
+
     async def forget(self, product_key: str, device_key: str) -> None:
         """The device was deleted or got a new secret: drop what is cached and end its connection,
         so the old secret logs in no more (implements `registry.DeviceSessions`)."""
@@ -143,10 +215,26 @@ class DeviceGateway:
         if await self.sender.disconnect(product_key, device_key):
             log.info("device %s/%s disconnected: deleted or its secret changed", product_key, device_key)
 
+    async def require_certificate(self, product_key: str, device_key: str, required: bool) -> None:
+        """Its rules changed: read them again at its next login; when a certificate is required, a
+        connection made without one ends (implements `registry.DeviceSessions`)."""
+        self._secrets.pop((product_key, device_key), None)
+        if required and await self.sender.disconnect(product_key, device_key, certificate=""):
+            log.info("device %s/%s disconnected: it now needs a certificate to log in", product_key, device_key)
+
+    async def certificate_revoked(self, product_key: str, device_key: str, serial: str) -> None:
+        """Close the device's live connection if it logged in with this certificate
+        (implements `registry.DeviceSessions`)."""
+        if await self.sender.disconnect(product_key, device_key, certificate=serial):
+            log.info("device %s/%s disconnected: its certificate %s was revoked", product_key, device_key, serial)
+
     # ------------------------------------------------------------ presence
 
     async def device_connected(self, product_key: str, device_key: str) -> None:
         self._last_seen[(product_key, device_key)] = time.time()  # written just below
+        if (product_key, device_key) in self._activating:
+            self._activating.discard((product_key, device_key))
+            self._send_activation(product_key, device_key)
         await self.store.set_device_online(product_key, device_key, True)
         log.info("device %s/%s online", product_key, device_key)
         await self.jobs.on_connected(product_key, device_key)
@@ -177,6 +265,9 @@ class DeviceGateway:
             await self._heard(product_key, device_key)
         if suffix == protocol.UPGRADE_REPLY:
             await self._upgrade_reply(product_key, device_key, payload)
+            return
+        if suffix == protocol.ACTIVATE_REPLY:
+            await self._activate_reply(product_key, device_key, payload)
             return
         try:
             req = protocol.parse_request(payload)
@@ -211,6 +302,21 @@ class DeviceGateway:
             return
         message = "no active upgrade task" if code == protocol.CODE_NOT_FOUND else None
         self._reply(product_key, device_key, suffix, protocol.reply(req.id, code, data, message))
+
+    async def _activate_reply(self, product_key: str, device_key: str, payload: bytes) -> None:
+        # A reply too: never answered. Until a device says it has its secret (or logs in with
+        # it), it may come back with the product secret and be sent the secret again.
+        try:
+            code, message = protocol.reply_code(payload)
+        except protocol.ProtocolError as exc:
+            log.warning("malformed activation reply from %s/%s: %s", product_key, device_key, exc)
+            return
+        if code != protocol.CODE_OK:
+            log.warning(
+                "device %s/%s did not take its secret: code %s %s", product_key, device_key, code, message or ""
+            )
+            return
+        await self._activated(product_key, device_key)
 
     async def _upgrade_reply(self, product_key: str, device_key: str, payload: bytes) -> None:
         # upgrade_reply is itself a reply: never answered, malformed ones only logged.

@@ -51,10 +51,11 @@ class Outbox:
         if self._handlers.get(key) is handler:
             del self._handlers[key]
 
-    async def disconnect(self, product_key: str, device_key: str) -> bool:
-        """Close a device's live connection (it was deleted, or its secret changed). False when offline."""
+    async def disconnect(self, product_key: str, device_key: str, certificate: str | None = None) -> bool:
+        """Close a device's live connection (it was deleted, its secret changed, or with `certificate`:
+        the connection that logged in with that certificate, which was revoked). False when none."""
         handler = self._handlers.get(session_key(product_key, device_key))
-        if handler is None:
+        if handler is None or (certificate is not None and handler.certificate != certificate):
             return False
         await handler.handle_connection_closed()
         return True
@@ -67,10 +68,15 @@ class Outbox:
 
     def deliver(self, product_key: str, device_key: str, suffix: str, payload: bytes, qos: int = 1) -> bool:
         """Send a message to a connected device's own topic, O(1). False when it is not connected."""
+        return self.deliver_to(
+            product_key, device_key, protocol.topic_for(product_key, device_key, suffix), payload, qos
+        )
+
+    def deliver_to(self, product_key: str, device_key: str, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """`deliver` on any topic of the device's (its session topics: activation)."""
         handler = self._handlers.get(session_key(product_key, device_key))
         if handler is None:
             return False
-        topic = protocol.topic_for(product_key, device_key, suffix)
         self.messages_out += 1
         if qos == 0:
             return handler.send_qos0(topic, payload)

@@ -39,6 +39,14 @@ class IdentitySQL(StoreBase):
             > 0
         )
 
+    async def revoke_all_certificates(self, product_key: str, device_key: str) -> int:
+        """Revoke every certificate of a device (it is deleted: none may identify a later one of its key)."""
+        return await self._write(
+            "UPDATE device_certificates SET revoked_at = ?"
+            " WHERE product_key = ? AND device_key = ? AND revoked_at IS NULL",
+            (time.time(), product_key, device_key),
+        )
+
     async def set_require_certificate(self, product_key: str, device_key: str, required: bool) -> bool:
         return (
             await self._write(

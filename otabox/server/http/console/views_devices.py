@@ -24,7 +24,7 @@ async def create_product(request: web.Request) -> web.Response:
     if str(form.get("name", "")).strip():
         body["name"] = str(form.get("name", "")).strip()
     try:
-        product = await otabox(request).registry.create_product(body)
+        product, _ = await otabox(request).registry.create_product(body)
     except OtaboxError as exc:
         flash(request, f"Product not created: {exc.message}")
         return see_other("/ui/devices")
