@@ -42,6 +42,9 @@ class DeviceSessions(Protocol):
     async def certificate_revoked(self, product_key: str, device_key: str, serial: str) -> None:
         """End its connection if it logged in with this certificate."""
 
+    async def product_changed(self, product_key: str) -> None:
+        """The product's login rules (dynamic activation) changed: read them again at each device's next login."""
+
 
 def check_key(value: Any, field: str) -> str:
     if not protocol.valid_key(value):
@@ -210,6 +213,7 @@ class Registry:
                 await self.store.set_product_activation(product_key, self.keys.encrypt(secret))
             elif not wanted and product.dynamic_activation:
                 await self.store.set_product_activation(product_key, None)
+            await self.sessions.product_changed(product_key)
         return await self.product(product_key), secret
 
     async def rotate_product_secret(self, product_key: str) -> str:

@@ -222,6 +222,12 @@ class DeviceGateway:
         if required and await self.sender.disconnect(product_key, device_key, certificate=""):
             log.info("device %s/%s disconnected: it now needs a certificate to log in", product_key, device_key)
 
+    async def product_changed(self, product_key: str) -> None:
+        """Its dynamic activation was turned on or off: its devices' cached records say otherwise
+        (implements `registry.DeviceSessions`)."""
+        for key in [k for k in self._secrets if k[0] == product_key]:
+            del self._secrets[key]
+
     async def certificate_revoked(self, product_key: str, device_key: str, serial: str) -> None:
         """Close the device's live connection if it logged in with this certificate
         (implements `registry.DeviceSessions`)."""
