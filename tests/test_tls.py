@@ -78,13 +78,11 @@ async def tls(tmp_path: Path) -> AsyncIterator[TLSServer]:
         await stop_within(app)
 
 
-def login(dk: str, secret: str, mode: str = protocol.MODE_DEVICE_SECRET) -> dict[str, str]:
+def login(dk: str, secret: str, mode: str = protocol.MODE_DEVICE_SECRET) -> tuple[str, str, str]:
+    """(client id, user name, password) of an EnOS login signed with `secret`."""
     ts = str(time.time() * 1000)
-    return {
-        "client_id": protocol.client_id_for(dk, "hmacsha256", ts, mode),
-        "username": f"{dk}&{PK}",
-        "password": protocol.sign(protocol.login_params(dk, PK, ts), secret, "hmacsha256"),
-    }
+    password = protocol.sign(protocol.login_params(dk, PK, ts), secret, "hmacsha256")
+    return protocol.client_id_for(dk, "hmacsha256", ts, mode), f"{dk}&{PK}", password
 
 
 async def connect(
@@ -99,7 +97,7 @@ async def connect(
     """CONNACK code and the client: over TLS with `ctx`, on the plain port without."""
     c = client or MQTTLiteClient(raise_on_refuse=False)
     port = ts.mqtts if ctx is not None else ts.server.mqtt_port
-    code = await c.connect("127.0.0.1", port, **login(dk, secret, mode), tls=ctx, timeout=5)
+    code = await c.connect("127.0.0.1", port, *login(dk, secret, mode), tls=ctx, timeout=5)
     return code, c
 
 
@@ -169,7 +167,7 @@ async def test_a_plain_client_on_the_tls_port_is_logged_and_changes_nothing(
     code_or_error: Any
     try:
         code_or_error = await MQTTLiteClient(raise_on_refuse=False).connect(
-            "127.0.0.1", tls.mqtts, **login("d1", d["deviceSecret"]), timeout=5
+            "127.0.0.1", tls.mqtts, *login("d1", d["deviceSecret"]), timeout=5
         )
     except Exception as exc:  # any failure will do: a refused handshake, a reset, a timeout
         code_or_error = exc
@@ -336,13 +334,14 @@ async def test_certificate_requests_are_checked(tls: TLSServer) -> None:
     cert = x509.load_pem_x509_certificate(signed["certificate"].encode())
     assert cert.public_key() == key.public_key()
     assert 29 <= (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days <= 30
-    for body, words in [
+    refused: list[tuple[dict[str, Any], str]] = [
         ({"csr": "not a csr"}, "csr"),
         ({"csr": csr.replace("A", "B", 3)}, "csr"),
         ({"validityDays": 0}, "validityDays"),
         ({"validityDays": "10"}, "validityDays"),
         ({"serial": "1"}, "unknown"),
-    ]:
+    ]
+    for body, words in refused:
         err = await issue(tls, "d1", body, expect=400)
         assert words in err["error"]["message"]
     await issue(tls, "nope", expect=404)
@@ -475,7 +474,7 @@ async def test_the_ca_is_in_the_backup_and_comes_back(tls: TLSServer, tmp_path: 
     try:
         mqtts = json.loads((restored / "ports.json").read_text())["mqtts"]
         c = MQTTLiteClient(raise_on_refuse=False)
-        code = await c.connect("127.0.0.1", mqtts, **login("d1", d["deviceSecret"]), tls=tls.context(cert), timeout=5)
+        code = await c.connect("127.0.0.1", mqtts, *login("d1", d["deviceSecret"]), tls=tls.context(cert), timeout=5)
         assert code == 0
         await c.disconnect()
     finally:
