@@ -48,6 +48,12 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(svc: Services) -> web.Application:
     web_app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     web_app[SERVICES] = svc
+    web_app[downloads.SENDERS] = senders = downloads.Senders()
+
+    async def stop_senders(_: web.Application) -> None:
+        senders.close()
+
+    web_app.on_cleanup.append(stop_senders)
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/metrics", metrics)
     web_app.router.add_get("/firmware/{id}/{file}", downloads.download)
