@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from otabox.cli.client import ApiError, Client, discover_url, progress_bar
-
-
-def _data_dir(args: argparse.Namespace) -> Path:
-    return Path(args.data_dir or os.environ.get("OTABOX_DATA_DIR") or "./otabox-data")
+from otabox.cli.client import ApiError, Client, data_dir, discover_url, progress_bar
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -30,7 +26,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             from otabox.server import backup
 
             signing = Path(args.signing_key) if args.signing_key else None
-            manifest = backup.write_file(_data_dir(args), out, signing_key=signing, progress=bar)
+            manifest = backup.write_file(data_dir(args.data_dir), out, signing_key=signing, progress=bar)
             summary = {"file": str(out), "bytes": out.stat().st_size, "members": len(manifest["files"])}
     except ApiError as exc:
         print(f"otabox backup: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
@@ -45,7 +41,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from otabox.server import backup
 
-    target = _data_dir(args)
+    target = data_dir(args.data_dir)
     try:
         manifest = backup.restore(
             Path(args.file), target, force=args.force, progress=None if args.json else progress_bar("restoring")

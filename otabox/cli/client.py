@@ -22,11 +22,16 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def discover_url(data_dir: str | None) -> str:
+def data_dir(value: str | None) -> Path:
+    """The data dir a command means: `--data-dir`, else OTABOX_DATA_DIR, else ./otabox-data."""
+    return Path(value or os.environ.get("OTABOX_DATA_DIR") or "./otabox-data")
+
+
+def discover_url(data_dir_arg: str | None) -> str:
     """Base URL from OTABOX_URL, else `<data-dir>/ports.json`, else http://127.0.0.1:8080."""
     if os.environ.get("OTABOX_URL"):
         return os.environ["OTABOX_URL"].rstrip("/")
-    ports = Path(data_dir or os.environ.get("OTABOX_DATA_DIR", "./otabox-data")) / "ports.json"
+    ports = data_dir(data_dir_arg) / "ports.json"
     try:
         return f"http://127.0.0.1:{json.loads(ports.read_text())['http']}"
     except (OSError, ValueError, KeyError):
@@ -128,6 +133,15 @@ class Client:
 
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query)
+
+    def get_public(self, path: str) -> Any:
+        """GET a path outside /api/v1 that needs no token (e.g. /ca.pem); none is sent. Raises ApiError."""
+        conn = self._conn()
+        try:
+            conn.request("GET", self.base.path + path, headers={"Accept": "*/*"})
+            return self._result(conn.getresponse())
+        finally:
+            conn.close()
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body=body if body is not None else {})

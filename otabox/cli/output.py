@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -26,18 +26,19 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def show(args: argparse.Namespace, data: Any, columns: Sequence[str] | None = None) -> None:
+def show(args: argparse.Namespace, data: Any, columns: Sequence[str] | None = None, file: TextIO | None = None) -> None:
+    """Print `data` for people or, with --json, as JSON; to `file` (default stdout)."""
     if args.json:
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        print(json.dumps(data, indent=2, ensure_ascii=False), file=file)
         return
     if isinstance(data, dict) and "items" in data and columns:
-        print(table(data["items"], columns))
-        print(f"({len(data['items'])} of {data['total']})")
+        print(table(data["items"], columns), file=file)
+        print(f"({len(data['items'])} of {data['total']})", file=file)
     elif isinstance(data, list) and columns:
-        print(table(data, columns))
+        print(table(data, columns), file=file)
     elif isinstance(data, dict):
         width = max((len(k) for k in data), default=0)
         for k, v in data.items():
-            print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, dict | list) else v}")
+            print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, dict | list) else v}", file=file)
     else:
-        print(data)
+        print(data, file=file)
