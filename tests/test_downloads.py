@@ -1,5 +1,5 @@
-"""Firmware downloads sent from worker threads (otabox.server.http.downloads.Senders): the bytes,
-Range, a client that goes away or stops reading, and a server stopping mid-download."""
+"""Firmware downloads sent by the sender process (otabox.server.http.sender): the bytes, Range,
+keep-alive after, a client that goes away or stops reading, and a sender that dies."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from otabox.server.http import downloads
+from otabox.server.http import downloads, sender
 from tests.conftest import Server, wait_for
 
 SIZE = 24 * 1024 * 1024  # several sendfile chunks, more than any socket buffer
@@ -27,13 +27,13 @@ async def big(server: Server) -> dict[str, Any]:
     return {"url": url, "sha256": hashlib.sha256(content).hexdigest(), "content": content}
 
 
-def senders(server: Server) -> downloads.Senders:
+def senders(server: Server) -> sender.SenderProcess:
     runner = server.app._runner  # the aiohttp application the server runs
     assert runner is not None
     return runner.app[downloads.SENDERS]
 
 
-async def test_full_and_range_downloads_come_from_the_sender_threads(server: Server, big: dict[str, Any]) -> None:
+async def test_full_and_range_downloads_come_from_the_sender_process(server: Server, big: dict[str, Any]) -> None:
     s = senders(server)
     async with aiohttp.ClientSession() as http:
         async with http.get(big["url"]) as resp:
@@ -63,14 +63,16 @@ async def test_a_client_that_goes_away_frees_its_thread(server: Server, big: dic
         assert hashlib.sha256(await resp.read()).hexdigest() == big["sha256"]
 
 
-async def _idle(s: downloads.Senders) -> bool:
+async def _idle(s: sender.SenderProcess) -> bool:
     return s.active == 0
 
 
-async def test_a_client_that_stops_reading_is_dropped(
-    server: Server, big: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(downloads, "STALL_SECONDS", 0.5)
+@pytest.fixture
+def short_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sender, "STALL_SECONDS", 0.5)  # read when the server starts its sender
+
+
+async def test_a_client_that_stops_reading_is_dropped(short_stall: None, server: Server, big: dict[str, Any]) -> None:
     s = senders(server)
     u = urllib.parse.urlsplit(big["url"])
     reader, writer = await asyncio.open_connection(u.hostname, u.port)
@@ -81,3 +83,17 @@ async def test_a_client_that_stops_reading_is_dropped(
     assert s.sent_bytes < SIZE
     writer.close()
     assert (await server.call("GET", "/products/pk1/devices/d1", 200))["deviceKey"] == "d1"  # still serving
+
+
+async def test_downloads_go_on_when_the_sender_dies(server: Server, big: dict[str, Any]) -> None:
+    s = senders(server)
+    assert s._proc is not None
+    s._proc.kill()
+    assert await wait_for(lambda: _dead(s))
+    async with aiohttp.ClientSession() as http, http.get(big["url"]) as resp:  # from the event loop now
+        assert hashlib.sha256(await resp.read()).hexdigest() == big["sha256"]
+    assert s.sent_bytes == 0
+
+
+async def _dead(s: sender.SenderProcess) -> bool:
+    return not s.alive

@@ -76,7 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     delta.register(sub)
     export.register(sub, api)
     simulate.register(sub, api)
+
+    sender = sub.add_parser("download-sender", help="(internal) the process `otabox serve` sends downloads from")
+    sender.add_argument("--fd", type=int, required=True, help="the Unix socket it is handed downloads on")
+    sender.add_argument("--stall-seconds", type=float, required=True, help="drop a client that takes nothing this long")
+    sender.set_defaults(run=_download_sender)
     return parser
+
+
+def _download_sender(args: argparse.Namespace) -> int:
+    from otabox.server.http.sender import child_main  # only this child needs it
+
+    return child_main(args.fd, args.stall_seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

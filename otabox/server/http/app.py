@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from otabox.server.http import (
@@ -16,8 +18,11 @@ from otabox.server.http import (
     downloads,
 )
 from otabox.server.http.plumbing import SERVICES, auth_middleware, authenticate, error_middleware, services
+from otabox.server.http.sender import SenderProcess
 from otabox.server.metrics import CONTENT_TYPE
 from otabox.server.services import Services
+
+log = logging.getLogger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -48,11 +53,18 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(svc: Services) -> web.Application:
     web_app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     web_app[SERVICES] = svc
-    web_app[downloads.SENDERS] = senders = downloads.Senders()
+    web_app[downloads.SENDERS] = senders = SenderProcess()
+
+    async def start_senders(_: web.Application) -> None:
+        try:
+            senders.start()
+        except OSError as exc:
+            log.warning("no download sender process (%s): downloads are sent from the event loop", exc)
 
     async def stop_senders(_: web.Application) -> None:
-        senders.close()
+        await senders.close()
 
+    web_app.on_startup.append(start_senders)
     web_app.on_cleanup.append(stop_senders)
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/metrics", metrics)

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
 import socket
-import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,78 +17,12 @@ from aiohttp.abc import AbstractStreamWriter
 from otabox.errors import Forbidden, NotFound, Unauthorized
 from otabox.models import DeltaStatus
 from otabox.server.http.plumbing import services
+from otabox.server.http.sender import SenderProcess
 
 # Send buffer of download connections (bytes): see _CountedFileResponse.prepare.
 DOWNLOAD_SNDBUF = 512 * 1024
-# Downloads sent at once by sender threads; more wait their turn (a queued device just waits).
-SENDER_THREADS = 32
-# One sendfile call copies at most this much, so a stop or a gone client is noticed soon.
-SEND_CHUNK = 4 * 1024 * 1024
-# A client that takes nothing for this long is dropped, freeing its sender thread.
-STALL_SECONDS = 60.0
-
-
-class Senders:
-    """Threads that copy firmware bodies to plain-TCP sockets with blocking `sendfile`.
-
-    On the event loop, `sendfile` copies as much as the socket takes per call and MQTT waits
-    behind it (p99 round trip 79 ms during 20 downloads); in these threads the kernel copy runs
-    with the GIL released and the loop only hands the socket over and back. TLS connections
-    keep aiohttp's own path: their bytes must go through the loop's SSL object.
-    """
-
-    def __init__(self, threads: int = SENDER_THREADS) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="otabox-download")
-        self._stop = threading.Event()
-        self.active = 0  # bodies being sent right now
-        self.sent_bytes = 0  # by the threads, since start
-
-    def close(self) -> None:
-        """Stop: each sender gives up at its next chunk; waits for none of them."""
-        self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def send(self, sock: socket.socket, fobj: IO[bytes], offset: int, count: int) -> None:
-        """Copy `count` bytes of `fobj` from `offset` to `sock`. Raises ConnectionResetError."""
-        # A duplicate of the descriptor: should the connection be closed meanwhile, its number
-        # cannot be reused by another socket while this thread still writes to it.
-        fd = os.dup(sock.fileno())
-        gone = threading.Event()
-        self.active += 1
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._pool, _send_blocking, fd, fobj.fileno(), offset, count, self._stop, gone
-            )
-            self.sent_bytes += count
-        finally:
-            self.active -= 1
-            gone.set()  # cancelled (client gone, server stopping): the thread stops at its next chunk
-            os.close(fd)
-
-
-def _send_blocking(
-    fd: int, file_fd: int, offset: int, count: int, stop: threading.Event, gone: threading.Event
-) -> None:
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    while count > 0:
-        if stop.is_set() or gone.is_set():
-            raise ConnectionResetError("download stopped")
-        try:
-            sent = os.sendfile(fd, file_fd, offset, min(count, SEND_CHUNK))
-        except BlockingIOError:  # the socket is non-blocking (the loop's): wait until it drains
-            if not poller.poll(STALL_SECONDS * 1000):
-                raise ConnectionResetError(f"client took nothing for {STALL_SECONDS:.0f} s") from None
-            continue
-        except (BrokenPipeError, ConnectionError) as exc:
-            raise ConnectionResetError(str(exc)) from exc
-        if sent == 0:
-            raise ConnectionResetError("client closed the connection")
-        offset += sent
-        count -= sent
-
-
-SENDERS: web.AppKey[Senders] = web.AppKey("senders", Senders)
+# The server's download sender (started with the HTTP app); None or not alive: the loop sends.
+SENDERS: web.AppKey[SenderProcess] = web.AppKey("senders", SenderProcess)
 
 
 def _device(request: web.Request, firmware_id: str) -> tuple[str, str]:
@@ -160,25 +90,29 @@ class _CountedFileResponse(web.FileResponse):
         return writer
 
     async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int) -> AbstractStreamWriter:
+        # Plain TCP: the body goes out from the sender process (otabox.server.http.sender), so
+        # MQTT does not wait behind sendfile. TLS keeps aiohttp's path: its bytes must pass
+        # through the loop's SSL object.
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         senders = request.app.get(SENDERS) if isinstance(request, web.Request) else None
-        if transport is None or sock is None or senders is None or transport.get_extra_info("sslcontext") is not None:
+        if transport is None or sock is None or senders is None or not senders.alive:
+            return await super()._sendfile(request, fobj, offset, count)
+        if transport.get_extra_info("sslcontext") is not None:
             return await super()._sendfile(request, fobj, offset, count)
         writer = await web.StreamResponse.prepare(self, request)
         assert writer is not None
         writer.send_headers()  # aiohttp's StreamWriter holds them back until the first body write
-        # The headers must be on the wire before the thread writes the body. They are a few
+        # The headers must be on the wire before the child writes the body. They are a few
         # hundred bytes into an idle socket, so this almost never waits; asyncio has no public
         # "write buffer empty" event to await instead.
         while transport.get_write_buffer_size() and not transport.is_closing():  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         if transport.is_closing():
             raise ConnectionResetError("Connection lost")
-        # The loop neither reads nor writes the socket while the thread owns it.
-        transport.pause_reading()
+        transport.pause_reading()  # the loop leaves the socket alone while the child owns it
         try:
-            await senders.send(sock, fobj, offset, count)
+            await senders.send(sock, fobj.fileno(), offset, count)
         finally:
             if not transport.is_closing():
                 transport.resume_reading()
