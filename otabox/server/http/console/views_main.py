@@ -101,7 +101,13 @@ async def device(request: web.Request) -> web.Response:
             job = await app.store.get_job(t.job_id)
             names[t.job_id] = job.name if job else t.job_id
     events = [present.event(e) for e in await app.store.recent_events(LOG_ROWS, product_key=pk, device_key=dk)]
-    ctx = {"device": dev, "tasks": [present.task(t) for t in tasks], "job_names": names, "events": events}
+    ctx = {
+        "device": dev,
+        "tasks": [present.task(t) for t in tasks],
+        "job_names": names,
+        "events": events,
+        "certificates": [present.certificate(c) for c in await app.registry.certificates(pk, dk)],
+    }
     return render(request, "device.html", ctx)
 
 
