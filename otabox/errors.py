@@ -49,3 +49,10 @@ class Conflict(OtaboxError):
 class TooLarge(OtaboxError):
     status = 413
     code = "too-large"
+
+
+class InsufficientStorage(OtaboxError):
+    """The data dir's file system (or the database's) is full: nothing of the request was kept."""
+
+    status = 507
+    code = "disk-full"

@@ -8,17 +8,19 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import errno
 import io
 import json
 import logging
 import math
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from otabox.errors import BadRequest, Forbidden, OtaboxError, Unauthorized
+from otabox.errors import BadRequest, Forbidden, InsufficientStorage, OtaboxError, Unauthorized
 from otabox.models import Principal, parse_iso
 from otabox.server import access
 from otabox.server.services import Services
@@ -184,9 +186,27 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         # A client that drops a download is routine (devices resume with Range).
         log.info("client went away during %s %s: %r", request.method, request.path, exc)
         raise
-    except Exception:
+    except Exception as exc:
+        if disk_full(exc):
+            log.error("%s %s refused: the disk is full (%s)", request.method, request.path, exc)
+            return error_response(
+                InsufficientStorage("the server's disk is full: nothing was stored; free space and try again")
+            )
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(OtaboxError("internal server error"))
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) says the disk is full: a file write or the database's."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if type(exc).__name__ == "DiskFullError":  # asyncpg's, for SQLSTATE 53100
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 async def authenticate(request: web.Request) -> Principal:
