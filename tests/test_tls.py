@@ -139,6 +139,7 @@ async def test_listeners_ca_and_https(tls: TLSServer) -> None:
     data = tls.server.data_dir
     assert tls.ca_pem == (data / "ca" / "ca.pem").read_text()
     assert (data / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (data / "ca" / "ca.pem").stat().st_mode & 0o777 == 0o644
     ports = json.loads((data / "ports.json").read_text())
     assert set(ports) == {"http", "mqtt", "https", "mqtts"}
     # HTTPS verifies against the CA for the host names given, and serves the same API.

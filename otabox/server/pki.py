@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class CertificateAuthority:
         # The key first: a CA certificate without its key beside it would be unusable.
         write_private(key_path, _pem_key(key))
         write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        os.chmod(cert_path, 0o644)  # public (GET /ca.pem): other users may pin it, e.g. `otabox ca show`
         return cls(folder, key, cert)
 
     @property
