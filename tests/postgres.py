@@ -6,7 +6,9 @@ be started the tests that need it fail, loudly: they are never skipped.
 `postgres_url`: a new, empty database on it for one test, dropped after.
 `store_target`: the store of one test, on each backend in turn (params "sqlite", "postgresql").
 `server_database`: the `server` fixture's database settings; a module marked
-`pytest.mark.both_backends` runs each of its `server` tests on SQLite and on PostgreSQL.
+`pytest.mark.both_backends` runs each of its `server` tests on SQLite and on PostgreSQL;
+`pytest.mark.sqlite_only` keeps a module on SQLite even with OTABOX_TEST_BACKENDS=all (what it
+tests exists only there, e.g. backups of the SQLite file).
 """
 
 from __future__ import annotations
@@ -108,12 +110,15 @@ def store_target(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "both_backends: run the module's `server` tests on SQLite and on PostgreSQL")
+    config.addinivalue_line("markers", "sqlite_only: SQLite only, even with OTABOX_TEST_BACKENDS=all")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # OTABOX_TEST_BACKENDS=all: every `server` test on both (the whole suite against PostgreSQL).
     marked = metafunc.definition.get_closest_marker("both_backends") or os.environ.get("OTABOX_TEST_BACKENDS") == "all"
-    if marked and "server" in metafunc.fixturenames:
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        marked = False
+    if marked and "server_database" in metafunc.fixturenames:
         metafunc.parametrize("server_backend", BACKENDS, indirect=True)
 
 

@@ -12,6 +12,9 @@ import pytest
 from tests.conftest import Server
 from tests.test_cli import Cli, _clean_env  # noqa: F401  (the CLI must not read the shell's settings)
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
+
 
 async def as_user(server: Server, username: str, role: str, password: str = "correct horse battery") -> str:
     """Create a user and return a personal token of theirs (got with HTTP Basic, as a script would)."""

@@ -20,6 +20,9 @@ import pytest
 from otabox import protocol
 from tests.conftest import TOKEN, Server, mqtt_client, request, wait_for
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
+
 # Small enough that the 413 tests stay quick, large enough for a download that really breaks.
 MAX_UPLOAD = 8 * 1024 * 1024
 

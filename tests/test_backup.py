@@ -15,8 +15,11 @@ import aiohttp
 import pytest
 
 from otabox.cli import main
-from otabox.server import backup
-from tests.conftest import TOKEN, Device, Server, start_server, wait_for
+from otabox.server import backup, settings
+from tests.conftest import TOKEN, Device, Server, start_server, stop_within, wait_for
+
+# A backup is of the data dir's SQLite file: on PostgreSQL these tests are the refusal below.
+pytestmark = pytest.mark.sqlite_only
 
 
 @pytest.fixture
@@ -158,3 +161,22 @@ async def test_scheduled_backups_keep_their_number(tmp_path: Path) -> None:
         await app.stop()  # lets a backup being written finish
     assert len(list((tmp_path / "b").glob("otabox-backup-*.tar.gz"))) == 2
     assert not list((tmp_path / "b").glob("*.part"))
+
+
+async def test_a_server_on_postgresql_refuses_backups_plainly(tmp_path: Path, postgres_url: str, capsys: Any) -> None:
+    """Over the API, from the data dir, scheduled: each says to use pg_dump, none with a traceback."""
+    app = await start_server(tmp_path, database_url=postgres_url)
+    try:
+        args = ["backup", str(tmp_path / "b.tar.gz"), "--url", f"http://127.0.0.1:{app.http_port}", "--token", TOKEN]
+        assert await asyncio.to_thread(main, args) == 1
+        err = capsys.readouterr().err
+        assert "409 backup-unsupported" in err and "pg_dump" in err and "Traceback" not in err
+        args = ["backup", str(tmp_path / "b.tar.gz"), "--data-dir", str(tmp_path / "data")]
+        assert await asyncio.to_thread(main, args) == 1
+        err = capsys.readouterr().err
+        assert "PostgreSQL" in err and "pg_dump" in err and "Traceback" not in err
+    finally:
+        await stop_within(app)
+    assert not (tmp_path / "b.tar.gz").exists()
+    with pytest.raises(settings.SettingsError, match="pg_dump"):
+        settings.load(env={"OTABOX_DATABASE_URL": postgres_url, "OTABOX_BACKUP_EVERY": "60"})

@@ -5,15 +5,20 @@ refused into a database that is not empty and from a data dir a server is runnin
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from otabox.cli import main
 from otabox.server.store import Store
-from tests.conftest import Device, Server, wait_for
+from tests.conftest import TOKEN, Device, Server, start_server, stop_within, wait_for
+
+# The source is an all-in-one install: its `server` is on SQLite whatever OTABOX_TEST_BACKENDS says.
+pytestmark = pytest.mark.sqlite_only
 
 
 @pytest.fixture
@@ -96,6 +101,48 @@ async def test_a_copied_install_has_every_row(server: Server, postgres_url: str,
 
     assert await asyncio.to_thread(main, argv) == 1  # not empty any more: refused, nothing changed
     assert "not empty" in capsys.readouterr().err
+
+
+async def test_a_copied_install_carries_on_on_postgresql(server: Server, postgres_url: str, tmp_path: Path) -> None:
+    """The same data dir (firmware, keys) with the copied database: devices log in with their old
+    secrets, the running job goes on and completes, its upgrade log continues the copied one."""
+    await server.product("pk1")
+    fw = await server.firmware("pk1", "2.0", b"firmware 2.0 " * 1000)
+    secrets = {dk: (await server.device(dk))["deviceSecret"] for dk in ("d1", "d2")}
+    d1 = await Device(server, "pk1", "d1", secrets["d1"]).connect("1.0")
+    job = await server.call("POST", "/jobs", 201, json={"firmwareId": fw["id"]})
+    await d1.upgrade()
+    await wait_for(lambda: _task_status(server, job["id"], "d1", "succeeded"))
+    await d1.close()
+    log_before = (await server.call("GET", f"/events?jobId={job['id']}", 200)).decode()
+    await server.app.stop()
+    argv = ["db", "copy", "--from", str(server.data_dir), "--to", postgres_url, "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+
+    again = await start_server(tmp_path, database_url=postgres_url, scheduler_interval=0.1)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            moved = Server(again, http, f"http://127.0.0.1:{again.http_port}", server.data_dir)
+            assert moved.store.dialect == "postgresql"
+            d2 = await Device(moved, "pk1", "d2", secrets["d2"]).connect("1.0")
+            params = await d2.upgrade()
+            async with http.get(params["fileUrl"]) as resp:  # the firmware file is still in the data dir
+                assert hashlib.sha256(await resp.read()).hexdigest() == fw["sha256"]
+
+            async def completed() -> bool:
+                return bool((await moved.call("GET", f"/jobs/{job['id']}", 200))["status"] == "completed")
+
+            assert await wait_for(completed)
+            log_after = (await moved.call("GET", f"/events?jobId={job['id']}", 200)).decode()
+            assert log_after.startswith(log_before.rstrip("\n"))  # the copied log, then what came after
+            await d2.close()
+    finally:
+        await stop_within(again)
+
+
+async def _task_status(server: Server, job_id: str, dk: str, status: str) -> bool:
+    tasks = await server.call("GET", f"/jobs/{job_id}/tasks", 200)
+    return any(t["deviceKey"] == dk and t["status"] == status for t in tasks["items"])
 
 
 async def test_a_running_servers_data_dir_is_refused(server: Server, postgres_url: str, capsys: Any) -> None:

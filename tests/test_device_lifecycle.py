@@ -15,6 +15,9 @@ from tests.conftest import Device, Server, mqtt_client, wait_for
 from tests.test_cli import Cli, cli  # noqa: F401  (cli: fixture)
 from tests.test_console import Console, ui  # noqa: F401  (ui: fixture)
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 def server_settings() -> dict[str, Any]:

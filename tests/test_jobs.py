@@ -14,6 +14,9 @@ import pytest
 from otabox import protocol
 from tests.conftest import Device, Server, wait_for
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 def server_settings() -> dict[str, Any]:

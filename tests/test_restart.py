@@ -16,12 +16,19 @@ import pytest
 from otabox import protocol
 from tests.conftest import TOKEN, Device, Server, serve_command, wait_for
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
 
-async def spawn(data_dir: Path) -> tuple[asyncio.subprocess.Process, Server, aiohttp.ClientSession]:
+
+async def spawn(
+    data_dir: Path, database: dict[str, str] | None = None, *extra: str
+) -> tuple[asyncio.subprocess.Process, Server, aiohttp.ClientSession]:
+    """`otabox serve` in another process on `data_dir` (and the `server_database` settings)."""
     ports = data_dir / "ports.json"
     ports.unlink(missing_ok=True)
+    url = (database or {}).get("database_url")
     proc = await asyncio.create_subprocess_exec(
-        *serve_command(data_dir, "--scheduler-interval", "0.1"),
+        *serve_command(data_dir, "--scheduler-interval", "0.1", *(["--database-url", url] if url else []), *extra),
         env={**os.environ, "OTABOX_ADMIN_TOKEN": TOKEN},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
@@ -54,9 +61,11 @@ async def procs() -> AsyncIterator[list[asyncio.subprocess.Process]]:
             await p.wait()
 
 
-async def test_kill_9_mid_job_then_restart_completes(tmp_path: Path, procs: list[Any]) -> None:
+async def test_kill_9_mid_job_then_restart_completes(
+    tmp_path: Path, procs: list[Any], server_database: dict[str, str]
+) -> None:
     data = tmp_path / "data"
-    proc, server, http = await spawn(data)
+    proc, server, http = await spawn(data, server_database)
     procs.append(proc)
     port = server.mqtt_port
     await server.product("pk1")
@@ -87,7 +96,7 @@ async def test_kill_9_mid_job_then_restart_completes(tmp_path: Path, procs: list
         await d.close()
     await http.close()
 
-    proc, server, http = await spawn(data)
+    proc, server, http = await spawn(data, server_database)
     procs.append(proc)
     port = server.mqtt_port
     after = (await server.call("GET", f"/events?jobId={jid}")).decode().splitlines()

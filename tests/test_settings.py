@@ -57,3 +57,11 @@ def test_one_error_shape() -> None:
         body = cls("why").to_json()
         assert cls.status == status
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+
+
+def test_the_database_url_is_a_postgresql_url() -> None:
+    url = "postgresql://otabox:secret@db.example:5432/otabox"
+    assert settings.load(env={"OTABOX_DATABASE_URL": url}).database_url == url
+    assert settings.load(env={}).database_url == ""  # SQLite in the data dir
+    with pytest.raises(settings.SettingsError, match="postgresql://"):
+        settings.load(env={"OTABOX_DATABASE_URL": "mysql://x@y/z"})

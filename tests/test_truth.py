@@ -19,6 +19,9 @@ from otabox.models import Wave
 from tests.conftest import Device, Server, serve_command, wait_for
 from tests.test_jobs import counts, fleet, fw, job, status_is, task, task_is  # noqa: F401  (fw: fixture)
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 def server_settings() -> dict[str, Any]:

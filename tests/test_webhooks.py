@@ -16,6 +16,9 @@ from aiohttp import web
 from otabox import protocol
 from tests.conftest import Device, Server, wait_for
 
+# The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.both_backends
+
 SECRET = "a-secret-of-some-length"
 
 

@@ -113,7 +113,7 @@ class App:
         ca = pki.CertificateAuthority.load_or_create(self.data_dir)
         tls_mqtt, tls_https, tls_hosts = self._tls(ca)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
-        store = self.store = await Store.open(self.data_dir / "otabox.db")
+        store = self.store = await Store.open(s.database_url or self.data_dir / "otabox.db")
         await store.mark_all_offline()
         admin_hash = await self._admin_token(store)
         artifacts = Artifacts(self.data_dir / "firmware")

@@ -68,6 +68,11 @@ def write(data_dir: Path, out: IO[bytes], *, signing_key: Path | None = None, gz
     Raises BackupError when `data_dir` holds no otabox database.
     """
     if not (data_dir / DB).exists():
+        if (data_dir / SERVER_KEY).exists():  # a server ran here, its database elsewhere
+            raise BackupError(
+                f"no otabox database in {data_dir}: a server on PostgreSQL (--database-url) keeps it there, "
+                "back it up with pg_dump and copy the data dir"
+            )
         raise BackupError(f"no otabox database in {data_dir}")
     with tempfile.TemporaryDirectory(prefix="otabox-backup-") as tmp:
         snapshot = Path(tmp) / DB

@@ -25,6 +25,12 @@ class Setting:
 # The one table. Flag `--data-dir` = env `OTABOX_DATA_DIR` = TOML key `data_dir`.
 SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", str, "./otabox-data", "Folder for the database, firmware files and keys."),
+    Setting(
+        "database_url",
+        str,
+        "",
+        "PostgreSQL to keep the database in (postgresql://user:pass@host/db) instead of <data-dir>/otabox.db.",
+    ),
     Setting("host", str, "0.0.0.0", "Address the MQTT and HTTP listeners bind to."),
     Setting("http_port", int, 8080, "HTTP port (API, downloads, console); 0 binds a free port, -1 turns it off."),
     Setting("mqtt_port", int, 1883, "MQTT port for devices; 0 binds a free port, -1 turns it off."),
@@ -107,6 +113,7 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: str = "./otabox-data"
+    database_url: str = ""
     host: str = "0.0.0.0"
     http_port: int = 8080
     mqtt_port: int = 1883
@@ -221,6 +228,7 @@ def load(
         if not -1 <= values[port] <= 65535:
             raise SettingsError(f"{port} must be between 0 and 65535 (or -1: off)")
     _check_tls(values)
+    _check_database(values)
     if values["max_upload_bytes"] <= 0:
         raise SettingsError("max_upload_bytes must be positive")
     if values["delta_algorithm"] not in delta.FORMATS:
@@ -247,6 +255,15 @@ def _check_tls(values: dict[str, Any]) -> None:
         raise SettingsError("no MQTT listener left: mqtt_port is -1 and MQTT over TLS is off")
     if not http:
         raise SettingsError("no HTTP listener left: http_port is -1 and HTTPS is off")
+
+
+def _check_database(values: dict[str, Any]) -> None:
+    url = values["database_url"]
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise SettingsError("database_url must be a postgresql:// URL (empty: SQLite in the data dir)")
+    if url and values["backup_every"] > 0:
+        # The archive is of the data dir's SQLite file; PostgreSQL has its own tools for this.
+        raise SettingsError("backup_every backs up the data dir's SQLite database: on PostgreSQL use pg_dump")
 
 
 def markdown_table() -> str:

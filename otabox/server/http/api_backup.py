@@ -8,13 +8,22 @@ from pathlib import Path
 
 from aiohttp import web
 
+from otabox.errors import Conflict
 from otabox.server import backup
 from otabox.server.http.plumbing import API_PREFIX, services
+
+# The archive holds the data dir's SQLite file; a server on PostgreSQL has none to hold.
+POSTGRES_REFUSAL = (
+    "this server keeps its database in PostgreSQL (--database-url): back the database up with "
+    "PostgreSQL's own tools (pg_dump), and the data dir (firmware, server.key, ca/) with a file copy"
+)
 
 
 async def take_backup(request: web.Request) -> web.StreamResponse:
     """Written to a temporary file in a thread (never built in memory, never blocking the loop), then sent."""
     svc = services(request)
+    if svc.store.dialect != "sqlite":
+        raise Conflict(POSTGRES_REFUSAL, code="backup-unsupported")
     data_dir = svc.artifacts.root.parent
     tmp = svc.artifacts.tmp / f"backup-{secrets.token_hex(8)}.tar.gz"
     signing = Path(svc.settings.signing_key).expanduser() if svc.settings.signing_key else None
