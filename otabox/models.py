@@ -478,3 +478,13 @@ class Event:
     wave: int | None
     bytes_downloaded: int | None
     actor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """One otabox node sharing the database: up while its heartbeat is younger than the timeout."""
+
+    node_id: str
+    up: bool
+    devices_connected: int
+    last_heartbeat: float

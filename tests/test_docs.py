@@ -208,6 +208,8 @@ def test_examples_have_the_shapes_the_server_sends() -> None:
     )
     assert set(example(text, "task")) == set(present.task(cast(Any, task))), "task example"
     assert list(example(text, "event")) == list(EVENT_COLUMNS), "event example"
+    node = models.NodeState("n", True, 0, 0.0)
+    assert set(example(text, "node")) == set(present.node(node)), "node example"
 
 
 def test_job_body_example_is_valid() -> None:

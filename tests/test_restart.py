@@ -27,8 +27,13 @@ async def spawn(
     ports = data_dir / "ports.json"
     ports.unlink(missing_ok=True)
     url = (database or {}).get("database_url")
+    # One name across restarts (the default, with a free MQTT port, names the process): the node
+    # started again marks its own devices of the last run offline. `extra` may give another.
+    node = ("--node-id", data_dir.name)
     proc = await asyncio.create_subprocess_exec(
-        *serve_command(data_dir, "--scheduler-interval", "0.1", *(["--database-url", url] if url else []), *extra),
+        *serve_command(
+            data_dir, "--scheduler-interval", "0.1", *(["--database-url", url] if url else []), *node, *extra
+        ),
         env={**os.environ, "OTABOX_ADMIN_TOKEN": TOKEN},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

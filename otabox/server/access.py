@@ -63,6 +63,8 @@ RULES: tuple[Rule, ...] = (
     # Every user manages their own tokens (the service keeps them to their own).
     _rule("POST", API + "/tokens", "token.create", VW),
     _rule("DELETE", API + "/tokens/{id}", "token.revoke", VW),
+    # Reads any role may make, named for the audit of who looked.
+    _rule("GET", API + "/nodes", "node.list", VW),
     # Reads only an admin may make.
     _rule("GET", API + "/users", "user.list", AD),
     _rule("GET", API + "/audit", "audit.read", AD),

@@ -39,6 +39,7 @@ from otabox.server.metrics import LoopLag, Metrics
 from otabox.server.mqtt.broker import OtaBroker
 from otabox.server.mqtt.device_hooks import DeviceGateway
 from otabox.server.mqtt.outbox import Outbox
+from otabox.server.nodes import NodeService, default_node_id
 from otabox.server.registry import Registry
 from otabox.server.services import Services, Status
 from otabox.server.settings import Settings
@@ -75,6 +76,7 @@ class App:
         self._lag: LoopLag | None = None
         self.webhooks: WebhookService | None = None
         self.gateway: DeviceGateway | None = None
+        self.nodes: NodeService | None = None
         self._runner: web.AppRunner | None = None
         self._http_socks: list[socket.socket] = []
         self._lock: int | None = None
@@ -113,8 +115,8 @@ class App:
         ca = pki.CertificateAuthority.load_or_create(self.data_dir)
         tls_mqtt, tls_https, tls_hosts = self._tls(ca)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
-        store = self.store = await Store.open(s.database_url or self.data_dir / "otabox.db")
-        await store.mark_all_offline()
+        node_id = s.node_id or default_node_id(s.mqtt_port if s.listens("mqtt_port") else s.mqtts_port)
+        store = self.store = await Store.open(s.database_url or self.data_dir / "otabox.db", node_id=node_id)
         admin_hash = await self._admin_token(store)
         artifacts = Artifacts(self.data_dir / "firmware")
         swept = artifacts.sweep(await store.stored_digests())
@@ -136,6 +138,9 @@ class App:
         urls = FileUrls(keys, public_url, s.download_token_ttl)
 
         outbox = Outbox()
+        # Before any device can connect: this node's devices of an earlier run are offline.
+        nodes = self.nodes = NodeService(store, outbox, s.node_heartbeat, s.node_timeout)
+        await nodes.start()
         deltas = self.deltas = DeltaService(store, artifacts, s.delta_max_bytes, s.delta_timeout, s.delta_algorithm)
         engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval, deltas)
         reports = DeviceReports(engine, store)
@@ -178,6 +183,7 @@ class App:
             metrics=Metrics(store, outbox, self.broker, lag),
             webhooks=webhooks,
             accounts=accounts,
+            nodes=nodes,
             admin_token_hash=admin_hash,
         )
         self._runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -276,6 +282,8 @@ class App:
             self.services.status.ready.clear()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self.nodes is not None:
+            await self.nodes.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.deltas is not None:

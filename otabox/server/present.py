@@ -19,6 +19,7 @@ from otabox.models import (
     Event,
     Firmware,
     Job,
+    NodeState,
     Product,
     Publisher,
     Task,
@@ -202,4 +203,13 @@ def event(e: Event) -> dict[str, Any]:
         "wave": e.wave,
         "bytesDownloaded": e.bytes_downloaded,
         "actor": e.actor,
+    }
+
+
+def node(n: NodeState) -> dict[str, Any]:
+    return {
+        "nodeId": n.node_id,
+        "status": "up" if n.up else "down",
+        "devicesConnected": n.devices_connected,
+        "lastHeartbeat": iso(n.last_heartbeat),
     }

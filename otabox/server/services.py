@@ -19,6 +19,7 @@ from otabox.server.jobs.service import JobService
 from otabox.server.keys import FileUrls, Keys, Signer
 from otabox.server.metrics import Metrics
 from otabox.server.mqtt.outbox import Outbox
+from otabox.server.nodes import NodeService
 from otabox.server.registry import Registry
 from otabox.server.settings import Settings
 from otabox.server.store import Store
@@ -61,4 +62,5 @@ class Services:
     metrics: Metrics
     webhooks: WebhookService
     accounts: AccountService
+    nodes: NodeService
     admin_token_hash: str

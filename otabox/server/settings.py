@@ -31,6 +31,22 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "PostgreSQL to keep the database in (postgresql://user:pass@host/db) instead of <data-dir>/otabox.db.",
     ),
+    Setting(
+        "node_id",
+        str,
+        "",
+        "Name of this node among those sharing a database; default host name and MQTT port.",
+    ),
+    # A heartbeat is one small write per node; its interval bounds how stale GET /nodes is.
+    # The timeout trades false alarms (a node briefly stalled) against how soon a dead node's
+    # devices show offline (timeout + one heartbeat of the node that notices).
+    Setting("node_heartbeat", float, 3.0, "Seconds between a node's heartbeats (with its connected-device count)."),
+    Setting(
+        "node_timeout",
+        float,
+        15.0,
+        "Seconds without a heartbeat after which a node is down and its devices shown offline.",
+    ),
     Setting("host", str, "0.0.0.0", "Address the MQTT and HTTP listeners bind to."),
     Setting("http_port", int, 8080, "HTTP port (API, downloads, console); 0 binds a free port, -1 turns it off."),
     Setting("mqtt_port", int, 1883, "MQTT port for devices; 0 binds a free port, -1 turns it off."),
@@ -114,6 +130,9 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 class Settings:
     data_dir: str = "./otabox-data"
     database_url: str = ""
+    node_id: str = ""
+    node_heartbeat: float = 3.0
+    node_timeout: float = 15.0
     host: str = "0.0.0.0"
     http_port: int = 8080
     mqtt_port: int = 1883
@@ -264,6 +283,8 @@ def _check_database(values: dict[str, Any]) -> None:
     if url and values["backup_every"] > 0:
         # The archive is of the data dir's SQLite file; PostgreSQL has its own tools for this.
         raise SettingsError("backup_every backs up the data dir's SQLite database: on PostgreSQL use pg_dump")
+    if not 0 < values["node_heartbeat"] < values["node_timeout"]:
+        raise SettingsError("node_heartbeat must be positive and shorter than node_timeout")
 
 
 def markdown_table() -> str:

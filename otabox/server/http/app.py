@@ -12,6 +12,7 @@ from otabox.server.http import (
     api_bundles,
     api_firmware,
     api_jobs,
+    api_nodes,
     api_registry,
     api_webhooks,
     console,
@@ -77,5 +78,6 @@ def build_app(svc: Services) -> web.Application:
     api_backup.add_routes(web_app)
     api_webhooks.add_routes(web_app)
     api_accounts.add_routes(web_app)
+    api_nodes.add_routes(web_app)
     console.setup(web_app)
     return web_app

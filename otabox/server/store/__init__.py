@@ -19,20 +19,24 @@ from otabox.server.store.events import EventSQL
 from otabox.server.store.firmware import FirmwareSQL
 from otabox.server.store.identity import IdentitySQL
 from otabox.server.store.jobs import JobLogEntry, JobSQL
+from otabox.server.store.nodes import NodeRow, NodeSQL
 from otabox.server.store.registry import RegistrySQL
 from otabox.server.store.tasks import TaskSQL
 from otabox.server.store.webhooks import WebhookSQL
 
-__all__ = ["DuplicateError", "IntegrityError", "JobLogEntry", "Store", "is_database_url"]
+__all__ = ["DuplicateError", "IntegrityError", "JobLogEntry", "NodeRow", "Store", "is_database_url"]
 
 
-class Store(RegistrySQL, IdentitySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL, AccountSQL):
+class Store(
+    RegistrySQL, IdentitySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL, AccountSQL, NodeSQL
+):
     """The store. Open with `await Store.open(path or postgresql:// URL)`; `close()` is idempotent."""
 
     @classmethod
-    async def open(cls, target: Path | str, *, read_only: bool = False) -> Self:
+    async def open(cls, target: Path | str, *, read_only: bool = False, node_id: str = "") -> Self:
         """Open (and migrate, unless read-only) a SQLite file at `target`, or the PostgreSQL
-        database a `postgresql://` URL names. Raises OSError/ConnectionError when unreachable."""
+        database a `postgresql://` URL names; `node_id` names this node in presence rows.
+        Raises OSError/ConnectionError when unreachable."""
         backend: Backend
         if is_database_url(target):
             # Imported here: asyncpg is loaded only by a server that uses PostgreSQL.
@@ -41,7 +45,7 @@ class Store(RegistrySQL, IdentitySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, Ev
             backend = await PostgresBackend.open(str(target))
         else:
             backend = await SQLiteBackend.open(Path(target), read_only=read_only)
-        store = cls(backend)
+        store = cls(backend, node_id)
         if not read_only:
             try:
                 await store.migrate()

@@ -191,8 +191,10 @@ def is_database_url(target: str | Path) -> bool:
 class StoreBase:
     """The backend, group commit and migrations; the per-noun SQL classes build on it."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, node_id: str = "") -> None:
         self.backend = backend
+        # The node this process is (`--node-id`): device presence rows name it.
+        self.node_id = node_id
         self._write_lock = asyncio.Lock()
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None

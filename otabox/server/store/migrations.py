@@ -294,4 +294,19 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX device_certificates_of ON device_certificates (product_key, device_key)
         """,
     ),
+    # Nodes sharing one database: each heartbeats its row; a device's online row names the node
+    # holding its connection (NULL when offline), so a node marks offline only its own devices.
+    (
+        "0012_nodes",
+        """
+        CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            devices_connected INTEGER NOT NULL DEFAULT 0
+        );
+        ALTER TABLE devices ADD COLUMN node_id TEXT;
+        CREATE INDEX devices_node ON devices (node_id) WHERE node_id IS NOT NULL
+        """,
+    ),
 ]

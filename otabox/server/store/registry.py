@@ -135,9 +135,18 @@ class RegistrySQL(StoreBase):
         return [rows.device(r) for r in found], total["n"] if total else 0
 
     async def set_device_online(self, product_key: str, device_key: str, online: bool) -> None:
+        """Online on this node (`node_id`), or offline: only when this node held it (the device
+        may have connected again through another node meanwhile)."""
+        if online:
+            await self._write(
+                "UPDATE devices SET online = 1, node_id = ?, last_seen = ? WHERE product_key = ? AND device_key = ?",
+                (self.node_id, time.time(), product_key, device_key),
+            )
+            return
         await self._write(
-            "UPDATE devices SET online = ?, last_seen = ? WHERE product_key = ? AND device_key = ?",
-            (1 if online else 0, time.time(), product_key, device_key),
+            "UPDATE devices SET online = 0, node_id = NULL, last_seen = ? WHERE product_key = ? AND device_key = ?"
+            " AND (node_id = ? OR node_id IS NULL)",
+            (time.time(), product_key, device_key, self.node_id),
         )
 
     async def set_device_tags(self, product_key: str, device_key: str, tags: dict[str, str]) -> bool:
@@ -203,8 +212,8 @@ class RegistrySQL(StoreBase):
         )
 
     async def mark_all_offline(self) -> int:
-        """At start-up nobody is connected yet, whatever the last run left behind."""
-        return await self._write("UPDATE devices SET online = 0 WHERE online = 1")
+        """At start-up of the one node on SQLite nobody is connected yet, whatever the last run left."""
+        return await self._write("UPDATE devices SET online = 0, node_id = NULL WHERE online = 1")
 
     # ------------------------------------------------------------ web console reads
 
