@@ -79,9 +79,9 @@ class _CountedFileResponse(web.FileResponse):
     async def prepare(self, request: web.BaseRequest) -> Any:
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:
-            # sendfile runs on the event loop and copies as much as the socket buffer takes per
-            # call; loopback buffers grow to megabytes, stalling MQTT for milliseconds at a time.
-            # A bounded buffer keeps each call short at little cost in throughput.
+            # When the body goes out from the event loop (no sender process), sendfile copies as
+            # much as the socket buffer takes per call; loopback buffers grow to megabytes,
+            # stalling MQTT for milliseconds at a time. A bounded buffer keeps each call short.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, DOWNLOAD_SNDBUF)
         writer = await super().prepare(request)  # sends the body (_sendfile below) before returning
