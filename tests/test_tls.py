@@ -391,6 +391,8 @@ async def test_dynamic_activation_by_product_secret(tls: TLSServer) -> None:
     info = json.loads(payload)
     assert info["method"] == "thing.activate.info" and info["version"] == "1.0"
     assert info["params"] == {"productKey": PK, "deviceKey": "d1", "deviceSecret": registered["deviceSecret"]}
+    # A provisioning session, not online for upgrades: no push can reach it.
+    assert not await online(tls, "d1")
     reply = {"id": info["id"], "code": 200, "data": {}, "message": ""}
     await c.publish(f"/ext/session/{PK}/d1/thing/activate/info_reply", json.dumps(reply), qos=1)
 

@@ -239,8 +239,13 @@ class DeviceGateway:
     async def device_connected(self, product_key: str, device_key: str) -> None:
         self._last_seen[(product_key, device_key)] = time.time()  # written just below
         if (product_key, device_key) in self._activating:
+            # A provisioning session: the device fetches its secret and comes back with secure
+            # mode 2. It is not online for upgrades meanwhile; a push here would reach a client
+            # that has no upgrade handler yet (the stock SDK answers it with an error).
             self._activating.discard((product_key, device_key))
             self._send_activation(product_key, device_key)
+            log.info("device %s/%s connected to be activated", product_key, device_key)
+            return
         await self.store.set_device_online(product_key, device_key, True)
         log.info("device %s/%s online", product_key, device_key)
         await self.jobs.on_connected(product_key, device_key)
