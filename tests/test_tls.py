@@ -469,6 +469,8 @@ async def test_the_ca_is_in_the_backup_and_comes_back(tls: TLSServer, tmp_path: 
     restored = tmp_path / "restored"
     backup.restore(archive, restored)
     assert (restored / "ca" / "ca.pem").read_text() == tls.ca_pem
+    assert (restored / "ca" / "ca.pem").stat().st_mode & 0o777 == 0o644
+    assert (restored / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
     # A server on the restored data takes the certificate issued before the backup.
     s = Settings(data_dir=str(restored), host="127.0.0.1", http_port=0, mqtt_port=-1, mqtts_port=0,
                  https_port=-1, tls_self_signed="127.0.0.1,localhost")  # fmt: skip

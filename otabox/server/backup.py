@@ -220,7 +220,8 @@ def _unpack(archive: Path, staging: Path, progress: Progress | None) -> dict[str
                     while src and (chunk := src.read(_CHUNK)):
                         h.update(chunk)
                         out.write(chunk)
-                os.chmod(dest, 0o600 if not member.name.startswith("firmware/") else 0o644)
+                public = member.name.startswith("firmware/") or member.name == f"{CA_DIR}/ca.pem"
+                os.chmod(dest, 0o644 if public else 0o600)  # keys stay the server user's alone
                 if h.hexdigest() != want["sha256"]:
                     raise BackupError(f"{member.name} is damaged: its sha256 differs from the manifest")
                 seen.add(member.name)
