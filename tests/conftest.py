@@ -17,6 +17,10 @@ import aiohttp
 import aiomqtt
 import hypothesis
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from otabox import protocol
 from otabox.server.app import App
@@ -24,6 +28,7 @@ from otabox.server.mqtt.device_hooks import DeviceGateway
 from otabox.server.services import Services
 from otabox.server.settings import Settings
 from otabox.server.store import Store
+from tests.enos_venv import EnosVenvError, ensure_enos_venv
 
 # A real PostgreSQL (scripts/postgres) and the store fixtures run on each backend: tests/postgres.py.
 pytest_plugins = ("tests.postgres",)
@@ -270,3 +275,23 @@ class Device:
         assert (await self.call(protocol.PROGRESS, {"step": "50", "desc": "downloading"}))["code"] == 200
         assert (await self.call(protocol.INFORM, {"version": to_version or params["version"]}))["code"] == 200
         return params
+
+
+def make_csr(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A device's own key and a PEM certificate signing request for it (the key stays here)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.fixture(scope="session")
+def enos_python() -> Path:
+    """The EnOS SDK venv's python; building it is part of the suite, so failure fails (never skips)."""
+    try:
+        return ensure_enos_venv()
+    except EnosVenvError as exc:
+        pytest.fail(f"cannot build the EnOS SDK virtualenv: {exc}", pytrace=False)

@@ -11,9 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from tests.conftest import Server
+from tests.conftest import Server, make_csr
 from tests.test_cli import Cli, fields, table
 
 
@@ -143,14 +142,9 @@ async def test_issue_json_names_the_key_file_instead_of_the_key(cli: Cli, server
 
 async def test_issue_from_a_csr_signs_the_devices_own_key(cli: Cli, server: Server, tmp_path: Path) -> None:
     await server.device("d1")
-    device_key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "d1")]))
-        .sign(device_key, hashes.SHA256())
-    )
+    device_key, csr = make_csr("d1")
     csr_file = tmp_path / "d1.csr"
-    csr_file.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    csr_file.write_text(csr)
 
     # Without -o stdout is the certificate alone (to redirect), the summary on stderr.
     run = await cli(

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from tests.conftest import Server
+from tests.conftest import Server, make_csr
 from tests.test_console_accounts import Browser, Browsers, add, audit
 
 DEVICE_PAGE = "/ui/devices/pk1/d1"
@@ -85,14 +84,7 @@ async def test_issue_with_a_key_shown_once_then_revoke(server: Server, browsers:
 async def test_issue_from_a_csr_and_a_bad_csr(server: Server, browsers: Browsers) -> None:
     ui = browsers[0]
     await server.device("d1")
-    device_key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "d1")]))
-        .sign(device_key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    device_key, csr = make_csr("d1")
     page = await ui.form(DEVICE_PAGE + "/certificates", {"csr": csr, "validityDays": "90"}, expect=200)
     [cert_pem] = pem_blocks(page, "CERTIFICATE")
     assert pem_blocks(page, "PRIVATE KEY") == [] and "Private key" not in page

@@ -14,20 +14,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server, wait_for
-from tests.enos_venv import DEVICE_SCRIPT, EnosVenvError, ensure_enos_venv
+from tests.enos_venv import DEVICE_SCRIPT
 
 # Per SDK wait inside the script (connect, each reply); the whole run is bounded by RUN_TIMEOUT.
 SDK_TIMEOUT = 30.0  # upper bounds only: generous so a loaded CI machine does not flake
 RUN_TIMEOUT = 90.0
-
-
-@pytest.fixture(scope="session")
-def enos_python() -> Path:
-    """The EnOS SDK venv's python; building it is part of the suite, so failure fails (never skips)."""
-    try:
-        return ensure_enos_venv()
-    except EnosVenvError as exc:
-        pytest.fail(f"cannot build the EnOS SDK virtualenv: {exc}", pytrace=False)
 
 
 @dataclass

@@ -19,19 +19,10 @@ import pytest
 from otabox.server.app import App
 from otabox.server.settings import Settings
 from tests.conftest import TOKEN, Server, stop_within, wait_for
-from tests.enos_venv import DEVICE_SCRIPT, EnosVenvError, ensure_enos_venv
+from tests.enos_venv import DEVICE_SCRIPT
 from tests.test_enos_sdk import RUN_TIMEOUT, SDK_TIMEOUT
 
 FIRMWARE = bytes(range(256)) * 300
-
-
-@pytest.fixture(scope="session")
-def enos_python() -> Path:
-    """The EnOS SDK venv's python (as in test_enos_sdk.py): failing to build it fails the test."""
-    try:
-        return ensure_enos_venv()
-    except EnosVenvError as exc:
-        pytest.fail(f"cannot build the EnOS SDK virtualenv: {exc}", pytrace=False)
 
 
 class TLS:

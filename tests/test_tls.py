@@ -34,7 +34,7 @@ from otabox.device.mqtt import MQTTLiteClient
 from otabox.server import backup, pki, settings
 from otabox.server.app import App
 from otabox.server.settings import Settings
-from tests.conftest import TOKEN, Server, stop_within, wait_for
+from tests.conftest import TOKEN, Server, make_csr, stop_within, wait_for
 
 PK = "pk1"
 
@@ -322,14 +322,7 @@ async def test_require_certificate_ends_a_connection_without_one(tls: TLSServer)
 
 async def test_certificate_requests_are_checked(tls: TLSServer) -> None:
     await tls.server.device("d1")
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anything")]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    key, csr = make_csr("anything")
     signed = await issue(tls, "d1", {"csr": csr, "validityDays": 30})
     assert "privateKey" not in signed  # the device's key never left it
     cert = x509.load_pem_x509_certificate(signed["certificate"].encode())
