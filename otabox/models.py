@@ -488,3 +488,4 @@ class NodeState:
     up: bool
     devices_connected: int
     last_heartbeat: float
+    leader: bool = False  # the one making the job decisions (otabox.server.cluster)

@@ -1,8 +1,9 @@
 """The one place where the server process is assembled and torn down.
 
 Objects are built in dependency order, each handed what it needs (no setters closing the graph):
-data dir, keys and CA -> store -> HTTP sockets (so fileUrls know the port) -> outbox -> job engine ->
-device reports -> device gateway -> broker -> services -> HTTP sites; the job engine starts last.
+data dir -> store -> keys and CA (on PostgreSQL the cluster's, from the database) -> HTTP sockets (so
+fileUrls know the port) -> outbox and cluster -> job engine -> device reports -> device gateway ->
+broker -> services -> HTTP sites; the cluster (leadership) and the job engine start last.
 Stop runs in reverse and is idempotent.
 """
 
@@ -20,6 +21,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -28,6 +30,7 @@ from otabox.server import backup, pki
 from otabox.server.accounts import AccountService
 from otabox.server.artifacts import Artifacts
 from otabox.server.bundles import BundleService
+from otabox.server.cluster import PostgresCluster, Solo, share_keys
 from otabox.server.deltas import DeltaService
 from otabox.server.firmware import FirmwareService
 from otabox.server.http.app import build_app
@@ -77,6 +80,7 @@ class App:
         self.webhooks: WebhookService | None = None
         self.gateway: DeviceGateway | None = None
         self.nodes: NodeService | None = None
+        self.cluster: PostgresCluster | Solo | None = None
         self._runner: web.AppRunner | None = None
         self._http_socks: list[socket.socket] = []
         self._lock: int | None = None
@@ -111,12 +115,15 @@ class App:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         self._lock = lock_data_dir(self.data_dir)
+        node_id = s.node_id or default_node_id(s.mqtt_port if s.listens("mqtt_port") else s.mqtts_port)
+        store = self.store = await Store.open(s.database_url or self.data_dir / "otabox.db", node_id=node_id)
+        clustered = store.dialect != "sqlite"
+        if clustered:
+            await share_keys(store, self.data_dir)
         keys = Keys.load_or_create(self.data_dir)
         ca = pki.CertificateAuthority.load_or_create(self.data_dir)
         tls_mqtt, tls_https, tls_hosts = self._tls(ca)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
-        node_id = s.node_id or default_node_id(s.mqtt_port if s.listens("mqtt_port") else s.mqtts_port)
-        store = self.store = await Store.open(s.database_url or self.data_dir / "otabox.db", node_id=node_id)
         admin_hash = await self._admin_token(store)
         artifacts = Artifacts(self.data_dir / "firmware")
         swept = artifacts.sweep(await store.stored_digests())
@@ -138,11 +145,12 @@ class App:
         urls = FileUrls(keys, public_url, s.download_token_ttl)
 
         outbox = Outbox()
+        cluster = self.cluster = PostgresCluster(store, s.database_url, node_id, outbox) if clustered else Solo(outbox)
         # Before any device can connect: this node's devices of an earlier run are offline.
         nodes = self.nodes = NodeService(store, outbox, s.node_heartbeat, s.node_timeout)
         await nodes.start()
         deltas = self.deltas = DeltaService(store, artifacts, s.delta_max_bytes, s.delta_timeout, s.delta_algorithm)
-        engine = self.engine = JobEngine(store, outbox, urls, s.scheduler_interval, deltas)
+        engine = self.engine = JobEngine(store, cluster, urls, s.scheduler_interval, deltas)
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
         gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox, s.last_seen_interval)
@@ -159,7 +167,9 @@ class App:
         await self.broker.start()
 
         status = Status(self.version, http_port, self.broker.port, https_port, self.broker.tls_port)
-        webhooks = self.webhooks = WebhookService(store, keys, timeout=s.webhook_timeout)
+        webhooks = self.webhooks = WebhookService(
+            store, keys, timeout=s.webhook_timeout, leading=lambda: cluster.leader
+        )
         accounts = AccountService(store, admin_hash)
         await accounts.ensure_builtin_admin()
         lag = self._lag = LoopLag()
@@ -174,7 +184,7 @@ class App:
             artifacts=artifacts,
             urls=urls,
             outbox=outbox,
-            registry=Registry(store, keys, reports, gateway, ca),
+            registry=Registry(store, keys, reports, cluster.sessions_for(gateway), ca),
             firmware=firmware,
             bundles=BundleService(store, artifacts, firmware),
             jobs=JobService(store, engine),
@@ -193,6 +203,7 @@ class App:
         if https_sock is not None:
             await web.SockSite(self._runner, https_sock, ssl_context=tls_https).start()
 
+        await cluster.start(engine)
         await engine.start()
         await webhooks.start()
         if s.backup_every > 0:
@@ -280,16 +291,10 @@ class App:
             await asyncio.gather(self._backups, return_exceptions=True)
         if self.services is not None:
             self.services.status.ready.clear()
-        if self.webhooks is not None:
-            await self.webhooks.stop()
-        if self.nodes is not None:
-            await self.nodes.stop()
-        if self.engine is not None:
-            await self.engine.stop()
-        if self.deltas is not None:
-            await self.deltas.stop()
-        if self._lag is not None:
-            await self._lag.stop()
+        parts: list[_Stoppable | None] = [self.webhooks, self.nodes, self.engine, self.cluster, self.deltas, self._lag]
+        for part in parts:
+            if part is not None:
+                await part.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         for sock in self._http_socks:
@@ -307,6 +312,10 @@ class App:
             os.close(self._lock)  # releases the lock
             self._lock = None
         log.info("otabox stopped")
+
+
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
 
 
 class DataDirLocked(OSError):

@@ -25,6 +25,9 @@ from otabox.server.store import Store
 
 log = logging.getLogger(__name__)
 
+# kv key naming the node that took the leadership last (otabox.server.cluster writes it).
+LEADER_KEY = "leader_node"
+
 
 def default_node_id(mqtt_port: int) -> str:
     """Host name and MQTT port; with a free port (0) not known yet, host name and process id."""
@@ -78,7 +81,9 @@ class NodeService:
 
     async def nodes(self) -> list[NodeState]:
         now = time.time()
-        return [
-            NodeState(n.node_id, now - n.heartbeat_at < self.timeout, n.devices_connected, n.heartbeat_at)
-            for n in await self.store.list_nodes()
-        ]
+        leader = self.node_id if self.store.dialect == "sqlite" else await self.store.get_kv(LEADER_KEY)
+        out = []
+        for n in await self.store.list_nodes():
+            up = now - n.heartbeat_at < self.timeout
+            out.append(NodeState(n.node_id, up, n.devices_connected, n.heartbeat_at, up and n.node_id == leader))
+        return out

@@ -212,4 +212,5 @@ def node(n: NodeState) -> dict[str, Any]:
         "status": "up" if n.up else "down",
         "devicesConnected": n.devices_connected,
         "lastHeartbeat": iso(n.last_heartbeat),
+        "leader": n.leader,
     }

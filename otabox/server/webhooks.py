@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -52,9 +52,19 @@ def backoff(attempts: int) -> float:
 
 class WebhookService:
     def __init__(
-        self, store: Store, keys: Keys, *, timeout: float, interval: float = 1.0, concurrency: int = 4
+        self,
+        store: Store,
+        keys: Keys,
+        *,
+        timeout: float,
+        interval: float = 1.0,
+        concurrency: int = 4,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
+        # With several nodes only the leader collects and sends (otabox.server.cluster): two
+        # collectors would read the same cursor and queue every delivery twice.
+        self.leading = leading
         self.keys = keys
         self.timeout = timeout
         self.interval = interval
@@ -129,7 +139,8 @@ class WebhookService:
     async def _forever(self, step: Any) -> None:
         while True:
             try:
-                await step()
+                if self.leading():
+                    await step()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -41,8 +41,18 @@ log = logging.getLogger(__name__)
 PUSH_BATCH = 1000
 
 
-class Sender(Protocol):
+class Cluster(Protocol):
+    """The nodes sharing the store (otabox.server.cluster): whether this one decides, delivery through any."""
+
+    leader: bool
+
     def deliver(self, product_key: str, device_key: str, suffix: str, payload: bytes, qos: int = 1) -> bool: ...
+
+    def kick_leader(self) -> None: ...
+
+    def jobs_changed(self) -> None: ...
+
+    async def claim(self, job_id: str, device_key: str) -> bool: ...
 
 
 class UrlMaker(Protocol):
@@ -52,11 +62,16 @@ class UrlMaker(Protocol):
 
 
 class JobEngine:
-    """Drives jobs on a timer and when kicked (a device connected, a task finished, a job changed)."""
+    """Drives jobs on a timer and when kicked (a device connected, a task finished, a job changed).
 
-    def __init__(self, store: Store, sender: Sender, urls: UrlMaker, interval: float, deltas: DeltaService) -> None:
+    With several nodes, only the leader's engine decides; the others' ticks only refresh what
+    their devices' reports read (the live jobs, the rollback watch), and their kicks and claims
+    go to the leader.
+    """
+
+    def __init__(self, store: Store, cluster: Cluster, urls: UrlMaker, interval: float, deltas: DeltaService) -> None:
         self.store = store
-        self.sender = sender
+        self.cluster = cluster
         self.urls = urls
         self.deltas = deltas
         self.interval = interval
@@ -86,13 +101,20 @@ class JobEngine:
             await asyncio.gather(task, return_exceptions=True)
 
     def kick(self) -> None:
-        """Run a tick soon."""
+        """Run a tick soon (the leader's)."""
         self._wake.set()
+        if not self.cluster.leader:
+            self.cluster.kick_leader()
 
     def jobs_changed(self) -> None:
-        """A job was created or changed outside the engine: forget the cached list, tick soon."""
+        """A job was created or changed outside the engine: forget the cached list, tick soon, tell the other nodes."""
+        self.jobs_changed_here()
+        self.cluster.jobs_changed()
+
+    def jobs_changed_here(self) -> None:
+        """`jobs_changed` on this node only (another node said so)."""
         self._live = None
-        self.kick()
+        self._wake.set()
 
     async def live(self) -> list[Job]:
         """Live jobs (scheduled, running, paused), cached between ticks for the device hot paths.
@@ -125,6 +147,10 @@ class JobEngine:
     async def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self.ticks += 1
+        if not self.cluster.leader:
+            self._live = None
+            self.watch_until = max(self.watch_until, await self.store.rollback_watch_until())
+            return
         for task in await self.store.due_tasks(now):
             await self.finish(task, TaskState.TIMEOUT, desc="timed out: no result within timeoutSeconds")
         for task in await self.store.due_retries(now):
@@ -264,7 +290,12 @@ class JobEngine:
         return self._bucket(job, now).available()
 
     async def claim_offer(self, job: Job, device_key: str, now: float) -> bool:
-        """Request mode: move a pending task to published if concurrency and rate allow; True when moved."""
+        """Request mode: move a pending task to published if concurrency and rate allow; True when moved.
+
+        The budget is the leader's: another node asks it.
+        """
+        if not self.cluster.leader:
+            return await self.cluster.claim(job.id, device_key)
         async with self._budget_lock:
             counts = await self.store.job_counts(job.id)
             bucket = self._bucket(job, now)
@@ -334,7 +365,7 @@ class JobEngine:
     def send_upgrade(self, job: Job, fw: Firmware, dk: str, delta: Delta | None = None) -> bool:
         # String ids: the EnOS Python SDK breaks on numeric ids in pushes.
         payload = protocol.request(str(next(self._ids)), "ota.device.upgrade", self.offer(job, fw, dk, delta))
-        return self.sender.deliver(job.product_key, dk, protocol.UPGRADE, payload, qos=1)
+        return self.cluster.deliver(job.product_key, dk, protocol.UPGRADE, payload, qos=1)
 
     # ------------------------------------------------------------ results
 

@@ -312,6 +312,13 @@ class StoreBase:
         row = await self._one("SELECT value FROM kv WHERE key = ?", (key,))
         return row["value"] if row else None
 
+    async def add_kv(self, key: str, value: str) -> bool:
+        """Set `key` only if it has no value yet; False when it had one (another node was first)."""
+        return (
+            await self._write("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", (key, value))
+            == 1
+        )
+
     async def set_kv(self, key: str, value: str) -> None:
         await self._write(
             "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
