@@ -434,3 +434,22 @@ async def test_connect_times_out_without_connack() -> None:
         r, _ = await asyncio.wait_for(conns.get(), WAIT)
         await _read_packet(r)  # the CONNECT did arrive
         assert await asyncio.wait_for(r.read(), WAIT) == b""  # and the client hung up
+
+
+async def test_connection_closed_before_connack_is_a_connection_error() -> None:
+    # What a TCP balancer does when the server it picked has just died: accept, then hang up.
+    # An OSError, so reconnect loops treat it like a refused connect and try again.
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_packet(reader)  # the CONNECT, read: the close is a clean FIN, not a reset
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        c = MQTTLiteClient()
+        with pytest.raises(ConnectionResetError, match="before CONNACK"):
+            await c.connect("127.0.0.1", port, "unlucky")
+        assert not c.connected
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -21,9 +21,10 @@ pytestmark = pytest.mark.both_backends
 
 
 async def spawn(
-    data_dir: Path, database: dict[str, str] | None = None, *extra: str
+    data_dir: Path, database: dict[str, str] | None = None, *extra: str, log: Path | None = None
 ) -> tuple[asyncio.subprocess.Process, Server, aiohttp.ClientSession]:
-    """`otabox serve` in another process on `data_dir` (and the `server_database` settings)."""
+    """`otabox serve` in another process on `data_dir` (and the `server_database` settings); its
+    log appended to `log` if given."""
     ports = data_dir / "ports.json"
     ports.unlink(missing_ok=True)
     url = (database or {}).get("database_url")
@@ -36,7 +37,7 @@ async def spawn(
         ),
         env={**os.environ, "OTABOX_ADMIN_TOKEN": TOKEN},
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if log is None else log.open("ab"),
     )
 
     async def ready() -> Any:

@@ -227,7 +227,12 @@ class MQTTLiteClient:
                     )
                 writer.write(_packet(CONNECT, body))
                 # CONNACK is read inline so a refused or timed-out connect never spawns a reader task.
-                ack = await reader.readexactly(4)
+                try:
+                    ack = await reader.readexactly(4)
+                except asyncio.IncompleteReadError:
+                    # Closed before CONNACK (a balancer whose server just died, a server
+                    # shutting down): a connection failure like a refused connect, to retry.
+                    raise ConnectionResetError("the server closed the connection before CONNACK") from None
             if ack[0] != CONNACK or ack[1] != 2:
                 raise ProtocolError(f"expected CONNACK, got {ack!r}")
             code = ack[3]

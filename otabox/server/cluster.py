@@ -59,6 +59,8 @@ LEADER_LOCK = 0x07AB0C6
 LEADER_POLL = 1.0  # seconds between a follower's tries of the lock, and the leader's health checks
 # PostgreSQL's limit for a NOTIFY payload is 8000 bytes; room for the envelope.
 PAYLOAD_MAX = 7800
+# Messages kept while the database connection is down, at most (then the oldest are dropped).
+QUEUE_MAX = 100_000
 CLAIM_TIMEOUT = 3.0  # a device asking for an offer waits this long for the leader's answer
 CONNECT_TIMEOUT = 10.0
 # So that PostgreSQL notices a leader whose host died (no FIN ever comes) within ~11 s and drops
@@ -176,6 +178,9 @@ class PostgresCluster:
         self.messages_out = 0
         self._engine: JobEngine | None = None
         self._conn: asyncpg.Connection | None = None
+        # asyncpg runs one operation at a time on a connection: the lock, the health check and
+        # the NOTIFYs take turns.
+        self._using = asyncio.Lock()
         self._queue: list[tuple[str | None, list[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._kick_queued = False
@@ -217,9 +222,14 @@ class PostgresCluster:
 
     # ------------------------------------------------------------ leadership
 
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self._using:
+            if self._conn is None:
+                raise ConnectionError("no database connection")
+            return await self._conn.fetchval(sql, *args)
+
     async def _try_lead(self) -> None:
-        assert self._conn is not None
-        if await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
+        if await self._fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
             self.leader = True
             log.info("node %s is the leader: it makes the job decisions", self.node_id)
             await self.store.set_kv(LEADER_KEY, self.node_id)  # for GET /nodes
@@ -235,8 +245,8 @@ class PostgresCluster:
                     await self._connect()
                 if self.leader:
                     # Proof the lock is still ours: the connection that holds it answers.
-                    assert self._conn is not None
-                    await asyncio.wait_for(self._conn.fetchval("SELECT 1"), LEADER_POLL * 2)
+                    async with asyncio.timeout(LEADER_POLL * 2):
+                        await self._fetchval("SELECT 1")
                 else:
                     await self._try_lead()
             except asyncio.CancelledError:
@@ -300,14 +310,20 @@ class PostgresCluster:
             self._kick_queued = False
             payloads = _pack(self.node_id, queue)
             try:
-                if self._conn is None:
-                    raise ConnectionError("no database connection")
-                await self._conn.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads])
+                async with self._using:
+                    if self._conn is None:
+                        raise ConnectionError("no database connection")
+                    await self._conn.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads])
                 self.messages_out += len(queue)
             except Exception as exc:
-                # Lost, like a push to a device that went away: the store still says what is owed
-                # (a published task is sent again when its device connects; the leader ticks anyway).
-                log.warning("%d message(s) to other nodes not sent: %r", len(queue), exc)
+                # Kept, in order, until the connection is back (the leadership loop reconnects):
+                # a push lost here would leave its task published until it times out.
+                self._queue = queue + self._queue
+                if len(self._queue) > QUEUE_MAX:
+                    log.warning("%d message(s) to other nodes dropped", len(self._queue) - QUEUE_MAX)
+                    del self._queue[: len(self._queue) - QUEUE_MAX]
+                log.warning("%d message(s) to other nodes waiting: %r", len(self._queue), exc)
+                await asyncio.sleep(LEADER_POLL / 2)
 
     # ------------------------------------------------------------ receiving
 

@@ -73,6 +73,7 @@ class SimDevice:
         "fleet",
         "key",
         "outcome",
+        "rebooting",
         "reply",
         "secret",
         "timer",
@@ -93,6 +94,7 @@ class SimDevice:
         self.outcome = WAITING
         self.attempts = 0
         self.want_offline = False  # set before closing on purpose, so on_disconnect doesn't reconnect
+        self.rebooting = False  # between "rebooting" and coming back with the new image: no reconnects
         self.reply: tuple[str, asyncio.Future[dict[str, Any]]] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.client = MQTTLiteClient(self.on_message, self.on_disconnect)
@@ -135,7 +137,7 @@ class SimDevice:
         f = self.fleet
         while not f.stopping and self.outcome != REFUSED:
             await asyncio.sleep(delay * f.rng.uniform(0.5, 1.0))
-            if f.stopping or self.client.connected:
+            if f.stopping or self.client.connected or self.rebooting:
                 return
             if await self.connect():
                 return
@@ -288,10 +290,17 @@ class SimDevice:
             self.finish(FAILED)
             return
         await self.report(100, "rebooting", wait_reply=True)
+        self.rebooting = True
         self.go_offline()
         await asyncio.sleep(f.rng.uniform(*cfg.reboot_time))
         self.version = offer.version if b != "wrong-version" else (offer.version + "-unexpected")[:64]
         self.want_offline = False
+        if self.client.connected:
+            # A reconnect under way when the reboot began (the server had dropped the connection
+            # just before) came back with the old image: it is not what the rebooted device says.
+            self.want_offline = True
+            self.client.close()
+        self.rebooting = False
         while not await self.connect(wait_reply=True):
             if f.stopping or self.outcome == REFUSED:
                 return
