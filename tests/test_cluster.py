@@ -24,8 +24,9 @@ from typing import Any
 import aiohttp
 
 from bench.servers import free_port
-from tests.conftest import TOKEN, Server, wait_for
+from tests.conftest import TOKEN, Device, Server, wait_for
 from tests.test_restart import procs, spawn  # noqa: F401  (procs: the fixture that kills what is left)
+from tests.test_webhooks import Receiver, receiver, subscribe  # noqa: F401  (receiver: the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 BALANCER = ROOT / "scripts" / "balancer"
@@ -238,3 +239,93 @@ def _check_log(events: list[dict[str, Any]], devices: int, cap: int) -> None:
         elif e["status"] in ("succeeded", "failed", "timeout"):
             in_flight -= 1
     assert most <= cap, most
+
+
+async def test_two_nodes_request_mode_webhooks_credentials_and_a_frozen_leader(
+    tmp_path: Path,
+    postgres_url: str,
+    procs: list[Any],  # noqa: F811
+    receiver: Receiver,  # noqa: F811
+) -> None:
+    """Devices on the follower ask for offers: the leader's budget holds the cap; a webhook is
+    sent once, by the leader; a secret rotated through one node ends the connection held by the
+    other; a leader that freezes (SIGSTOP) is unseated within the node timeout and steps down
+    when it wakes."""
+    database = {"database_url": postgres_url}
+    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
+    public = f"http://127.0.0.1:{ports['a'][1]}"
+    started: dict[str, Any] = {}
+    sessions: list[aiohttp.ClientSession] = []
+    for name in ("a", "b"):
+        mqtt_port, http_port = ports[name]
+        proc, server, http = await spawn(
+            tmp_path / name,
+            database,
+            *["--node-id", name, "--mqtt-port", str(mqtt_port), "--http-port", str(http_port)],
+            *["--public-url", public, *FAST],
+            log=tmp_path / f"{name}.log",
+        )
+        procs.append(proc)
+        sessions.append(http)
+        started[name] = (proc, server)
+    (proc_a, a), (_, b) = started["a"], started["b"]
+    sim: asyncio.subprocess.Process | None = None
+    try:
+        assert await wait_for(lambda: leader(b, {"a"}), timeout=10)
+        await subscribe(b, receiver.url + "/ok", ["job.completed"])
+        await a.product("pk1")
+        fw = await a.firmware("pk1", "2.0.0", os.urandom(64 * 1024))
+        sim = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "otabox", "simulate", "pk1", "--url", a.url, "--token", TOKEN],
+            *["--mqtt-host", "127.0.0.1", "--mqtt-port", str(b.mqtt_port), "--devices", "20", "--request"],
+            *["--poll", "0.3", "--flash-time", "0.1-0.2", "--reboot-time", "0.1-0.2", "--json", "--duration", "120"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=(tmp_path / "simulate.log").open("wb"),
+        )
+        assert await wait_for(lambda: _connected(b, 20), timeout=30)
+        assert (await nodes(b))["b"]["devicesConnected"] == 20
+        body = {"firmwareId": fw["id"], "mode": "request", "maxConcurrency": 3, "scope": {"versionNumbers": ["1.0.0"]}}
+        job = await b.call("POST", "/jobs", 201, json=body)
+        done = await wait_for(lambda: _finished(a, job["id"]), timeout=90, interval=0.3)
+        assert done["status"] == "completed" and done["counts"]["succeeded"] == 20, done
+        out, _ = await asyncio.wait_for(sim.communicate(), 60)
+        sim = None
+        assert json.loads(out)["behaviours"]["success"]["outcomes"] == {"succeeded": 20}
+        _check_log(await _events(a, job["id"]), 20, 3)
+        await asyncio.sleep(1.5)  # time for a second delivery, were there one
+        assert receiver.types() == ["job.completed"]
+
+        # A secret rotated through a: b ends the connection it holds with the old one.
+        secret = (await a.device("held"))["deviceSecret"]
+        held = await Device(b, "pk1", "held", secret).connect("1.0.0")
+        assert await wait_for(lambda: _online(a, "held", True))
+        await a.call("POST", "/products/pk1/devices/held:rotate-secret", 200)
+        assert await wait_for(lambda: _online(a, "held", False), timeout=5)
+        await held.close()
+
+        # The leader freezes: its connection stays open (its kernel answers), only its heartbeat stops.
+        proc_a.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        assert await wait_for(lambda: leader(b, {"b"}), timeout=LEADER_TAKEOVER, interval=0.2)
+        assert time.monotonic() - frozen < LEADER_TAKEOVER
+        proc_a.send_signal(signal.SIGCONT)
+        # Awake, a learns at its next look that its session was ended, and follows b.
+        assert await wait_for(lambda: _log_has(tmp_path / "a.log", "no longer the leader"), timeout=10)
+        assert await wait_for(lambda: leader(a, {"b"}), timeout=10)
+        assert [n for n, v in (await nodes(a)).items() if v["leader"]] == ["b"]
+    finally:
+        if proc_a.returncode is None:
+            proc_a.send_signal(signal.SIGCONT)
+        if sim is not None and sim.returncode is None:
+            sim.kill()
+            await sim.wait()
+        for session in sessions:
+            await session.close()
+
+
+async def _online(server: Server, dk: str, want: bool) -> bool:
+    return bool((await server.call("GET", f"/products/pk1/devices/{dk}", 200))["online"] is want)
+
+
+async def _log_has(path: Path, text: str) -> bool:
+    return text in path.read_text(errors="replace")

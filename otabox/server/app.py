@@ -145,7 +145,10 @@ class App:
         urls = FileUrls(keys, public_url, s.download_token_ttl)
 
         outbox = Outbox()
-        cluster = self.cluster = PostgresCluster(store, s.database_url, node_id, outbox) if clustered else Solo(outbox)
+        cluster: PostgresCluster | Solo = Solo(outbox)
+        if clustered:
+            cluster = PostgresCluster(store, s.database_url, node_id, outbox, s.node_timeout)
+        self.cluster = cluster
         # Before any device can connect: this node's devices of an earlier run are offline.
         nodes = self.nodes = NodeService(store, outbox, s.node_heartbeat, s.node_timeout)
         await nodes.start()

@@ -132,6 +132,9 @@ class Solo:
     def jobs_changed(self) -> None:
         pass
 
+    async def confirm(self) -> bool:
+        return True
+
     async def claim(self, job_id: str, device_key: str) -> bool:
         raise AssertionError("the only node is the leader: it claims itself")
 
@@ -167,8 +170,9 @@ class Broadcast(DeviceSessions):
 class PostgresCluster:
     """This node among those sharing one PostgreSQL database."""
 
-    def __init__(self, store: Store, url: str, node_id: str, outbox: Outbox) -> None:
+    def __init__(self, store: Store, url: str, node_id: str, outbox: Outbox, node_timeout: float) -> None:
         self.store = store
+        self.node_timeout = node_timeout
         self.url = url
         self.node_id = node_id
         self.outbox = outbox
@@ -249,6 +253,8 @@ class PostgresCluster:
                         await self._fetchval("SELECT 1")
                 else:
                     await self._try_lead()
+                    if not self.leader:
+                        await self._unseat_silent_leader()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -256,6 +262,41 @@ class PostgresCluster:
                 if self._conn is not None:
                     self._conn.terminate()
                     self._conn = None
+
+    async def _unseat_silent_leader(self) -> None:
+        """End the database session of a leader whose node stopped its heartbeats, so the lock is free.
+
+        A leader that froze (a stopped process, a suspended VM) keeps its connection: the kernel
+        still answers TCP keepalives, so PostgreSQL would keep its lock for ever.
+        """
+        holder = await self.store.get_kv(LEADER_KEY)
+        if holder is None or holder == self.node_id:
+            return
+        node = next((n for n in await self.store.list_nodes() if n.node_id == holder), None)
+        silent = time.time() - node.heartbeat_at if node is not None else 0.0
+        if silent < self.node_timeout:
+            return
+        # A bigint advisory key shows in pg_locks as classid (high half), objid (low half), objsubid 1.
+        pid = await self._fetchval(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1"
+            " AND objsubid = 1 AND granted",
+            LEADER_LOCK,
+        )
+        if pid is not None and await self._fetchval("SELECT pg_terminate_backend($1)", pid):
+            log.warning("leader %s silent for %.0f s: its database session was ended to take over", holder, silent)
+
+    async def confirm(self) -> bool:
+        """Whether this node still leads, asked of the database: the engine asks before each tick, so
+        a leader that froze and was unseated (`_unseat_silent_leader`) decides nothing on waking."""
+        if not self.leader:
+            return False
+        try:
+            async with asyncio.timeout(LEADER_POLL * 2):
+                await self._fetchval("SELECT 1")
+            return True
+        except Exception as exc:
+            self._step_down(f"the database did not answer ({exc!r})")
+            return False
 
     def _step_down(self, why: str) -> None:
         if self.leader:

@@ -52,6 +52,8 @@ class Cluster(Protocol):
 
     def jobs_changed(self) -> None: ...
 
+    async def confirm(self) -> bool: ...
+
     async def claim(self, job_id: str, device_key: str) -> bool: ...
 
 
@@ -147,7 +149,7 @@ class JobEngine:
     async def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self.ticks += 1
-        if not self.cluster.leader:
+        if not self.cluster.leader or not await self.cluster.confirm():
             self._live = None
             self.watch_until = max(self.watch_until, await self.store.rollback_watch_until())
             return
