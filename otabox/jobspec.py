@@ -30,7 +30,8 @@ class JobField:
     `path` is where it sits in the body ("retry.count"); `kind` says how it is parsed:
     choice, int, number, bool, text, list (comma separated on the CLI), tags, waves, time, window.
     `cli` is the `otabox job create` flag and `form` the console's input name ("" = not offered
-    there); `scale` converts the form's unit to the body's (percent -> ratio).
+    there); `scale` converts the form's unit to the body's (percent -> ratio). `required`: the body
+    (or, for a dotted path, its object) must have it; `pattern`: what each item of a list matches.
     """
 
     path: str
@@ -46,6 +47,8 @@ class JobField:
     form: str = ""
     scale: float = 1.0
     unit: str = ""
+    required: bool = False
+    pattern: str = ""
 
     @property
     def key(self) -> str:
@@ -81,6 +84,7 @@ JOB_FIELDS: tuple[JobField, ...] = (
         "Id of the firmware to install (or verify).",
         cli="--firmware",
         form="firmwareId",
+        required=True,
     ),
     JobField(
         "type",
@@ -107,8 +111,17 @@ JOB_FIELDS: tuple[JobField, ...] = (
         "Only devices reporting one of these versions (a device that never reported one is out).",
         cli="--versions",
         form="versions",
+        pattern=protocol.VERSION_RE.pattern,
     ),
-    JobField("scope.deviceKeys", "list", "Device keys", "Only these devices.", cli="--devices", form="deviceKeys"),
+    JobField(
+        "scope.deviceKeys",
+        "list",
+        "Device keys",
+        "Only these devices.",
+        cli="--devices",
+        form="deviceKeys",
+        pattern=protocol.KEY_RE.pattern,
+    ),
     JobField(
         "scope.tags",
         "tags",
@@ -203,6 +216,7 @@ JOB_FIELDS: tuple[JobField, ...] = (
         form="abortPercent",
         scale=0.01,
         unit="%",
+        required=True,
     ),
     JobField(
         "abort.minFinished",
@@ -280,6 +294,39 @@ JOB_FIELDS: tuple[JobField, ...] = (
 FIELDS: dict[str, JobField] = {f.path: f for f in JOB_FIELDS}
 SCOPE_KEYS = ("versionNumbers", "deviceKeys", "tags")
 BODY_KEYS = frozenset(f.path.split(".")[0] for f in JOB_FIELDS)
+# The fields of each object of `waves` (the table's `waves` row is the list as a whole).
+WAVE_FIELDS: tuple[JobField, ...] = (
+    JobField(
+        "percent",
+        "number",
+        "Percent",
+        "Cumulative percent of the job's devices in this and the earlier waves; the last is 100.",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=100,
+        required=True,
+    ),
+    JobField(
+        "successRatio",
+        "number",
+        "Success ratio",
+        "Share of the wave's finished tasks that must succeed for the next wave to open (else the job pauses).",
+        minimum=0,
+        maximum=1,
+    ),
+)
+
+
+def object_keys(group: str) -> tuple[str, ...]:
+    """The keys the table gives an object of the body (`retry` -> count, intervalSeconds)."""
+    return tuple(f.key for f in JOB_FIELDS if f.path.startswith(group + "."))
+
+
+def check_required(body: Mapping[str, Any]) -> None:
+    """The job's own required fields (the ones a stored spec does not keep). Raises BadRequest."""
+    for f in JOB_FIELDS:
+        if f.required and "." not in f.path and not (isinstance(body.get(f.path), str) and body[f.path]):
+            raise BadRequest(f"{f.path} is required")
 
 
 # ---------------------------------------------------------------- the API body -> JobSpec
@@ -324,19 +371,20 @@ def _choice(body: Mapping[str, Any], path: str) -> str:
     return str(value)
 
 
-def _object(value: Any, name: str) -> Mapping[str, Any]:
+def _object(value: Any, name: str, keys: tuple[str, ...]) -> Mapping[str, Any]:
+    """An object of the body (null = absent) with only the `keys` the table gives it. Raises BadRequest."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise BadRequest(f"{name} must be an object")
+    unknown = set(value) - set(keys)
+    if unknown:
+        raise BadRequest(f"{name} has unknown field(s) {sorted(unknown)}; it takes {', '.join(keys)}")
     return value
 
 
 def parse_scope(body: Mapping[str, Any]) -> Scope:
-    scope_in = _object(body.get("scope"), "scope")
-    unknown = set(scope_in) - set(SCOPE_KEYS)
-    if unknown:
-        raise BadRequest(f"scope has unknown field(s) {sorted(unknown)}")
+    scope_in = _object(body.get("scope"), "scope", SCOPE_KEYS)
     versions: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
     tags: dict[str, tuple[str, ...]] = {}
@@ -357,16 +405,16 @@ def _waves(value: Any) -> tuple[Wave, ...]:
         return ()
     if not isinstance(value, list) or not value or not all(isinstance(w, dict) for w in value):
         raise BadRequest("waves must be a non-empty list of objects")
-    percent = JobField("percent", "number", "", "", minimum=0, exclusive_minimum=True, maximum=100)
-    ratio = JobField("successRatio", "number", "", "", minimum=0, maximum=1)
+    percent, ratio = WAVE_FIELDS
     out: list[Wave] = []
     last = 0.0
-    for i, w in enumerate(value):
-        pct = _number(w.get("percent"), percent)
+    for i, raw in enumerate(value):
+        w = _object(raw, f"waves[{i}]", tuple(f.key for f in WAVE_FIELDS))
+        pct = _number(w.get("percent"), percent, f"waves[{i}].percent")
         if pct is None or pct <= last:
             raise BadRequest(f"waves[{i}].percent must be cumulative and increasing (0 < percent <= 100)")
         last = float(pct)
-        ok = _number(w.get("successRatio"), ratio)
+        ok = _number(w.get("successRatio"), ratio, f"waves[{i}].successRatio")
         out.append(Wave(float(pct), None if ok is None else float(ok)))
     if last != 100:
         raise BadRequest("the last wave must reach percent 100")
@@ -383,13 +431,13 @@ def parse_hhmm(text: str) -> int:
 
 
 def _schedule(body: Mapping[str, Any]) -> tuple[Schedule, dict[str, Any]]:
-    sched = _object(body.get("schedule"), "schedule")
+    sched = _object(body.get("schedule"), "schedule", object_keys("schedule"))
     text: dict[str, Any] = {}
     times: dict[str, float] = {}
     for key in ("start", "end"):
         value = sched.get(key)
-        if value:
-            if not isinstance(value, str):
+        if value is not None:
+            if not isinstance(value, str) or not value:
                 raise BadRequest(f"schedule.{key} must be an ISO 8601 time string")
             try:
                 times[key] = parse_iso(value)
@@ -399,7 +447,15 @@ def _schedule(body: Mapping[str, Any]) -> tuple[Schedule, dict[str, Any]]:
     if "start" in times and "end" in times and times["end"] <= times["start"]:
         raise BadRequest("schedule.end must be after schedule.start")
     daily: tuple[int, int] | None = None
-    tz = 0
+    # Checked even without a window: a wrong offset is refused, not silently kept unused.
+    tz = int(
+        _number(
+            sched.get("timezoneOffsetMinutes"),
+            _field("schedule.timezoneOffsetMinutes"),
+            "schedule.timezoneOffsetMinutes",
+        )
+        or 0
+    )
     if sched.get("dailyWindow") is not None:
         window = sched["dailyWindow"]
         try:
@@ -410,10 +466,6 @@ def _schedule(body: Mapping[str, Any]) -> tuple[Schedule, dict[str, Any]]:
             raise BadRequest('schedule.dailyWindow must be ["HH:MM", "HH:MM"]') from exc
         if daily[0] == daily[1]:
             raise BadRequest("schedule.dailyWindow must not be empty")
-        tz_raw = sched.get("timezoneOffsetMinutes", 0)
-        if isinstance(tz_raw, bool) or not isinstance(tz_raw, int) or not -14 * 60 <= tz_raw <= 14 * 60:
-            raise BadRequest("schedule.timezoneOffsetMinutes must be whole minutes within ±14 h")
-        tz = tz_raw
         text["dailyWindow"] = list(window)
         text["timezoneOffsetMinutes"] = tz
     return Schedule(times.get("start"), times.get("end"), daily, tz), text
@@ -428,6 +480,9 @@ def validate(body: Mapping[str, Any]) -> JobSpec:
     if unknown:
         raise BadRequest(f"unknown job field(s) {sorted(unknown)}")
     jtype = _choice(body, "type")
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > (_field("name").maximum or 0)):
+        raise BadRequest(f"name must be a string of at most {_field('name').maximum:g} characters")
     scope = parse_scope(body)
     if jtype == JobType.VERIFY:
         if scope.version_numbers or scope.tags or not scope.device_keys:
@@ -436,11 +491,11 @@ def validate(body: Mapping[str, Any]) -> JobSpec:
             raise BadRequest(f"a verify job takes at most {MAX_VERIFY_DEVICES} devices")
     policy = _choice(body, "policy")
     mode = _choice(body, "mode")
-    retry = _object(body.get("retry"), "retry")
-    abort = body.get("abort")
-    if abort is not None and (not isinstance(abort, dict) or "failureRatio" not in abort):
-        raise BadRequest("abort must be an object with failureRatio")
-    abort = abort or {}
+    retry = _object(body.get("retry"), "retry", object_keys("retry"))
+    abort = _object(body.get("abort"), "abort", object_keys("abort"))
+    needed = [f.key for f in JOB_FIELDS if f.path.startswith("abort.") and f.required]
+    if body.get("abort") is not None and any(abort.get(k) is None for k in needed):
+        raise BadRequest(f"abort must be an object with {', '.join(needed)}")
     schedule, schedule_text = _schedule(body)
     max_conc = _number(body.get("maxConcurrency"), _field("maxConcurrency"))
     rate = _number(body.get("ratePerMinute"), _field("ratePerMinute"))

@@ -11,6 +11,8 @@ from typing import Any
 from otabox import jobspec
 from otabox.models import (
     TASK_STATES,
+    ApiToken,
+    AuditEntry,
     Delivery,
     DeliveryStatus,
     Delta,
@@ -24,6 +26,7 @@ from otabox.models import (
     Publisher,
     Task,
     TaskState,
+    User,
     Webhook,
     iso,
 )
@@ -213,4 +216,35 @@ def node(n: NodeState) -> dict[str, Any]:
         "devicesConnected": n.devices_connected,
         "lastHeartbeat": iso(n.last_heartbeat),
         "leader": n.leader,
+    }
+
+
+def user(u: User) -> dict[str, Any]:
+    """A user as the API shows it: never its password hash."""
+    return {"username": u.username, "role": u.role.value, "createdAt": iso(u.created_at)}
+
+
+def token(t: ApiToken) -> dict[str, Any]:
+    """A personal token as the API lists it: never the token itself."""
+    return {
+        "id": t.id,
+        "name": t.name,
+        "username": t.username,
+        "createdAt": iso(t.created_at),
+        "expiresAt": iso(t.expires_at),
+        "revokedAt": iso(t.revoked_at),
+        "lastUsedAt": iso(t.last_used_at),
+    }
+
+
+def audit_entry(e: AuditEntry) -> dict[str, Any]:
+    return {
+        "ts": iso(e.ts),
+        "actor": e.actor,
+        "role": e.role,
+        "action": e.action,
+        "target": e.target,
+        "remoteAddr": e.remote_addr,
+        "status": e.status,
+        "details": e.details,
     }

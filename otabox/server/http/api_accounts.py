@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from otabox.models import ApiToken, AuditEntry, User, iso
+from otabox.server import present
 from otabox.server.http.plumbing import (
     API_PREFIX,
     json_response,
@@ -20,49 +20,20 @@ from otabox.server.http.plumbing import (
 AUDIT_COLUMNS = ("ts", "actor", "role", "action", "target", "remoteAddr", "status", "details")
 
 
-def _user(u: User) -> dict[str, object]:
-    return {"username": u.username, "role": u.role.value, "createdAt": iso(u.created_at)}
-
-
-def _token(t: ApiToken) -> dict[str, object]:
-    return {
-        "id": t.id,
-        "name": t.name,
-        "username": t.username,
-        "createdAt": iso(t.created_at),
-        "expiresAt": iso(t.expires_at),
-        "revokedAt": iso(t.revoked_at),
-        "lastUsedAt": iso(t.last_used_at),
-    }
-
-
-def _audit(e: AuditEntry) -> dict[str, object]:
-    return {
-        "ts": iso(e.ts),
-        "actor": e.actor,
-        "role": e.role,
-        "action": e.action,
-        "target": e.target,
-        "remoteAddr": e.remote_addr,
-        "status": e.status,
-        "details": e.details,
-    }
-
-
 async def add_user(request: web.Request) -> web.Response:
     user, password = await services(request).accounts.add_user(await read_json(request))
-    body = _user(user) | ({"password": password} if password else {})
+    body = present.user(user) | ({"password": password} if password else {})
     return json_response(body, status=201)
 
 
 async def list_users(request: web.Request) -> web.Response:
     users = await services(request).store.list_users()
-    return listing([_user(u) for u in users], len(users))
+    return listing([present.user(u) for u in users], len(users))
 
 
 async def update_user(request: web.Request) -> web.Response:
     user = await services(request).accounts.update_user(request.match_info["name"], await read_json(request))
-    return json_response(_user(user))
+    return json_response(present.user(user))
 
 
 async def remove_user(request: web.Request) -> web.Response:
@@ -72,12 +43,12 @@ async def remove_user(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     token, secret = await services(request).accounts.create_token(principal(request), await read_json(request))
-    return json_response({**_token(token), "token": secret}, status=201)
+    return json_response({**present.token(token), "token": secret}, status=201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
     tokens = await services(request).accounts.tokens(principal(request))
-    return listing([_token(t) for t in tokens], len(tokens))
+    return listing([present.token(t) for t in tokens], len(tokens))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -91,7 +62,7 @@ async def audit(request: web.Request) -> web.StreamResponse:
     fmt = stream_format(request)
     since = parse_time(q["since"], "since") if q.get("since") else None
     found = services(request).store.iter_audit(since, q.get("actor") or None, q.get("action") or None)
-    return await stream_rows(request, (_audit(e) async for e in found), AUDIT_COLUMNS, fmt, "otabox-audit")
+    return await stream_rows(request, (present.audit_entry(e) async for e in found), AUDIT_COLUMNS, fmt, "otabox-audit")
 
 
 def add_routes(web_app: web.Application) -> None:

@@ -17,6 +17,7 @@ from otabox.server.http import (
     api_webhooks,
     console,
     downloads,
+    openapi,
 )
 from otabox.server.http.plumbing import SERVICES, auth_middleware, authenticate, error_middleware, services
 from otabox.server.http.sender import SenderProcess
@@ -79,5 +80,6 @@ def build_app(svc: Services) -> web.Application:
     api_webhooks.add_routes(web_app)
     api_accounts.add_routes(web_app)
     api_nodes.add_routes(web_app)
+    openapi.add_routes(web_app)
     console.setup(web_app)
     return web_app

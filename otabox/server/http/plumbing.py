@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 SERVICES: web.AppKey[Services] = web.AppKey("otabox", Services)
 API_PREFIX = "/api/v1"
-# API paths anyone may read: the firmware signing key is public (devices check signatures with it).
-PUBLIC_PATHS = frozenset({API_PREFIX + "/signing-key"})
+# API paths anyone may read: the firmware signing key is public (devices check signatures with it),
+# and so is the OpenAPI document (how to call the API, nothing of what is stored; client generators
+# and the console's reference page fetch it before they have a token).
+PUBLIC_PATHS = frozenset({API_PREFIX + "/signing-key", API_PREFIX + "/openapi.json"})
 MAX_PAGE = 1000
 STREAM_CHUNK = 64 * 1024  # bytes of a streamed log written at a time
 

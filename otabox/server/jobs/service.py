@@ -51,9 +51,8 @@ class JobService:
         allowDowngrade, devices on a higher version), NotFound or Conflict.
         """
         spec = jobspec.validate(body)
-        fw_id = body.get("firmwareId")
-        if not isinstance(fw_id, str):
-            raise BadRequest("firmwareId is required")
+        jobspec.check_required(body)
+        fw_id = str(body["firmwareId"])
         fw = await self.store.get_firmware(fw_id)
         if fw is None:
             raise NotFound(f"firmware {fw_id!r} not found")
@@ -61,8 +60,6 @@ class JobService:
         if jtype == JobType.UPGRADE and fw.enable_verification and fw.status != FirmwareStatus.VERIFIED:
             raise Conflict("firmware must be verified first (enableVerification is on)", code="unverified")
         name = body.get("name") or f"{jtype} {fw.name} {fw.version}"
-        if not isinstance(name, str) or len(name) > 200:
-            raise BadRequest("name must be a string of at most 200 characters")
         if spec.scope.device_keys:
             known = await self.store.existing_device_keys(fw.product_key, spec.scope.device_keys)
             unknown = [k for k in spec.scope.device_keys if k not in known]
