@@ -26,6 +26,9 @@ from otabox.server.store import DuplicateError, Store
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD = 10
+MAX_PASSWORD = 1000
+# A hundred years: past it an expiry time is no longer a date (Python's datetime ends at year 9999).
+MAX_TOKEN_SECONDS = 100 * 365 * 86400
 TOKEN_PREFIX = "otb_"
 # scrypt cost: n=2^14, r=8, p=1 takes ~50 ms and 16 MiB here, the interactive-login setting.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -147,8 +150,10 @@ class AccountService:
         if not isinstance(name, str) or not 1 <= len(name) <= 100:
             raise BadRequest("name must be a string of 1 to 100 characters")
         expires = body.get("expiresInSeconds")
-        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0):
-            raise BadRequest("expiresInSeconds must be a positive number")
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, int | float) or not 0 < expires <= MAX_TOKEN_SECONDS
+        ):
+            raise BadRequest(f"expiresInSeconds must be a positive number of at most {MAX_TOKEN_SECONDS}")
         now = time.time()
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token = ApiToken(
@@ -208,8 +213,8 @@ def _role(value: Any) -> Role:
 
 
 def _password(value: Any) -> str:
-    if not isinstance(value, str) or not MIN_PASSWORD <= len(value) <= 1000:
-        raise BadRequest(f"password must be {MIN_PASSWORD} to 1000 characters")
+    if not isinstance(value, str) or not MIN_PASSWORD <= len(value) <= MAX_PASSWORD:
+        raise BadRequest(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
     return value
 
 

@@ -20,6 +20,7 @@ from otabox.server.pki import DEVICE_DAYS, CertificateAuthority, Issued
 from otabox.server.store import DuplicateError, Store
 
 DEVICE_AUTH = ("sign", "plain")
+DEVICE_FIELDS = ("deviceKey", "deviceSecret", "tags", "auth", "requireCertificate")
 MAX_IMPORT_ROWS = 100_000
 _SECRET_ALPHABET = string.ascii_letters + string.digits
 
@@ -233,6 +234,9 @@ class Registry:
     async def create_device(self, product_key: str, body: Mapping[str, Any]) -> tuple[Device, str]:
         """Register one device; returns it with its secret (shown once). Raises BadRequest, NotFound, Conflict."""
         await self.product(product_key)
+        unknown = set(body) - set(DEVICE_FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown device field(s) {sorted(unknown)}; a device takes {', '.join(DEVICE_FIELDS)}")
         dk = check_key(body.get("deviceKey"), "deviceKey")
         secret = new_secret(body.get("deviceSecret"))
         tags = check_tags(body.get("tags"))

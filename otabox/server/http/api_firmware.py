@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from otabox.errors import BadRequest, NotFound, TooLarge
 from otabox.server import present
@@ -41,7 +42,9 @@ async def form_parts(request: web.Request) -> AsyncIterator[Part]:
     while True:
         try:
             part = await reader.next()
-        except ValueError as exc:  # a missing boundary, a body that is not multipart after all
+        # ValueError: a missing boundary, a body that is not multipart after all; BadHttpMessage: a
+        # part's headers do not parse (aiohttp raises its HTTP-parser error, which is no ValueError).
+        except (ValueError, BadHttpMessage) as exc:
             raise BadRequest(f"malformed multipart body: {exc}") from exc
         if part is None:
             return

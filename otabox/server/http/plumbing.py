@@ -34,6 +34,7 @@ API_PREFIX = "/api/v1"
 # and the console's reference page fetch it before they have a token).
 PUBLIC_PATHS = frozenset({API_PREFIX + "/signing-key", API_PREFIX + "/openapi.json"})
 MAX_PAGE = 1000
+MAX_OFFSET = 2**63 - 1  # the databases' largest integer: past it a query cannot even be asked
 STREAM_CHUNK = 64 * 1024  # bytes of a streamed log written at a time
 
 
@@ -162,8 +163,8 @@ def page(request: web.Request) -> Page:
         raise BadRequest("limit and offset must be integers") from exc
     if not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
-    if offset < 0:
-        raise BadRequest("offset must not be negative")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise BadRequest(f"offset must be between 0 and {MAX_OFFSET}")
     return Page(limit, offset)
 
 
@@ -183,7 +184,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             raise
         slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status, "http-error")
         err = OtaboxError(exc.reason, code=slug)
-        return web.json_response(err.to_json(), status=exc.status)
+        # The refusal's own headers stay: a 405 must say in Allow which methods the path takes.
+        kept = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate", "retry-after")}
+        return web.json_response(err.to_json(), status=exc.status, headers=kept)
     except ConnectionError as exc:
         # A client that drops a download is routine (devices resume with Range).
         log.info("client went away during %s %s: %r", request.method, request.path, exc)

@@ -13,6 +13,7 @@ from typing import Any
 
 from otabox import models
 from otabox.models import TASK_STATES, WEBHOOK_EVENTS, Role
+from otabox.server.accounts import MAX_PASSWORD, MAX_TOKEN_SECONDS, MIN_PASSWORD
 from otabox.server.firmware import SIGN_METHODS
 from otabox.server.http.openapi.schemas import (
     JSON,
@@ -23,10 +24,11 @@ from otabox.server.http.openapi.schemas import (
     components,
     extend,
     listing,
+    nullable,
     obj,
     ref,
 )
-from otabox.server.http.plumbing import API_PREFIX
+from otabox.server.http.plumbing import API_PREFIX, MAX_OFFSET, MAX_PAGE
 from otabox.server.registry import DEVICE_AUTH
 
 
@@ -54,8 +56,8 @@ def query(name: str, schema: Schema, description: str = "", required: bool = Fal
 
 
 PAGE = (
-    query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size."),
-    query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Items to skip."),
+    query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}, "Page size."),
+    query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}, "Items to skip."),
 )
 STREAM = (query("format", {"type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"}),)
 TEXT_STREAM = {"application/x-ndjson": {"schema": {"type": "string"}}, "text/csv": {"schema": {"type": "string"}}}
@@ -96,8 +98,10 @@ def operations() -> list[Op]:
     device_body = _fields(
         {
             "deviceKey": KEY,
-            "deviceSecret": {"type": "string", "minLength": 8, "maxLength": 128},
-            "tags": _tag_values(),
+            "deviceSecret": nullable(
+                {"type": "string", "minLength": 8, "maxLength": 128, "description": "null: made up."}
+            ),
+            "tags": nullable(_tag_values()),
             "auth": {"type": "string", "enum": list(DEVICE_AUTH), "default": "sign"},
             "requireCertificate": {"type": "boolean", "default": False},
         },
@@ -441,7 +445,7 @@ def operations() -> list[Op]:
                 {
                     "username": {"type": "string", "pattern": "^[A-Za-z0-9_.@-]{1,64}$"},
                     "role": {"type": "string", "enum": [r.value for r in Role]},
-                    "password": {"type": "string", "minLength": 10, "maxLength": 1000},
+                    "password": {"type": "string", "minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
                 },
                 ("username", "role"),
             ),
@@ -456,7 +460,7 @@ def operations() -> list[Op]:
             _fields(
                 {
                     "role": {"type": "string", "enum": [r.value for r in Role]},
-                    "password": {"type": "string", "minLength": 10, "maxLength": 1000},
+                    "password": {"type": "string", "minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
                 }
             ),
             errors=(409,),
@@ -470,7 +474,7 @@ def operations() -> list[Op]:
             _fields(
                 {
                     "name": {"type": "string", "minLength": 1, "maxLength": 100},
-                    "expiresInSeconds": {"type": "number", "exclusiveMinimum": 0},
+                    "expiresInSeconds": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TOKEN_SECONDS},
                 },
                 ("name",),
             ),
