@@ -5,6 +5,7 @@ definitions, served without a token, rendered by the console; and the running se
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import sys
 from typing import Any
@@ -295,3 +296,23 @@ def test_the_device_body_is_the_one_the_registry_takes() -> None:
 
     op = document()["paths"]["/api/v1/products/{pk}/devices"]["post"]
     assert set(op["requestBody"]["content"]["application/json"]["schema"]["properties"]) == set(DEVICE_FIELDS)
+
+
+# ---------------------------------------------------------------- the console's reference page
+
+
+async def test_the_console_lists_every_operation_offline(server: Server) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:  # cookies for 127.0.0.1
+        async with browser.post(server.url + "/ui/login", data={"token": TOKEN}, allow_redirects=False) as resp:
+            assert resp.status == 303
+        async with browser.get(server.url + "/ui/api") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+    for method, path in operations(document()):
+        assert f'<code class="method">{method}</code> <code>{html.escape(path)}</code>' in page, (method, path)
+    assert "Needs the <strong>operator</strong> role." in page
+    assert 'id="model-JobBody"' in page and "<code>retry</code>" in page
+    # Offline: nothing the page loads or links to lies outside this server.
+    external = re.findall(r"""(?:src|href|action)\s*=\s*["']?((?:[a-z]+:)?//[^"' >]+)""", page, re.IGNORECASE)
+    assert external == [], external
+    assert "http://" not in page.replace(server.url, "") and "https://" not in page

@@ -18,6 +18,7 @@ from otabox.models import Principal
 from otabox.server.http.console import (
     sse,
     views_accounts,
+    views_api,
     views_devices,
     views_firmware,
     views_jobs,
@@ -219,6 +220,7 @@ def setup(web_app: web.Application) -> None:
     views_new_job.add_routes(sub)
     views_jobs.add_routes(sub)
     views_accounts.add_routes(sub)
+    views_api.add_routes(sub)
     sse.add_routes(sub)
     web_app.add_subapp(PREFIX, sub)
     web_app.router.add_get("/", to_console)
