@@ -125,10 +125,15 @@ class App:
         tls_mqtt, tls_https, tls_hosts = self._tls(ca)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
         admin_hash = await self._admin_token(store)
-        artifacts = Artifacts(self.data_dir / "firmware")
+        artifacts = Artifacts(self.data_dir / "firmware", shared=store if clustered else None)
         swept = artifacts.sweep(await store.stored_digests())
         if swept:
             log.warning("removed %d firmware file(s) no record refers to (left by a crash)", len(swept))
+        if clustered:
+            # Files of an install moved here by `otabox db copy` (its data dir kept): shared now.
+            for sha in await store.stored_digests():
+                if artifacts.path_for(sha).exists():
+                    await artifacts.share(sha)
 
         http_sock = self._listen(s.http_port) if s.listens("http_port") else None
         https_sock = self._listen(s.https_port) if tls_https is not None and s.listens("https_port") else None

@@ -9,8 +9,23 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from otabox.errors import TooLarge
+from otabox.server.store.files import FileSQL
+
+CHUNK = 1024 * 1024  # bytes per database chunk
+GROUP = 16  # chunks per transaction
+
+
+def _read_group(fh: BinaryIO) -> list[bytes]:
+    group: list[bytes] = []
+    while len(group) < GROUP:
+        chunk = fh.read(CHUNK)
+        if not chunk:
+            break
+        group.append(chunk)
+    return group
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +37,17 @@ class StoredFile:
 
 
 class Artifacts:
-    """Content-addressed firmware files under `<data-dir>/firmware/`."""
+    """Content-addressed firmware files under `<data-dir>/firmware/`.
 
-    def __init__(self, root: Path) -> None:
+    With `shared` (a store on PostgreSQL, several nodes), every file is also in the database in
+    chunks (`share`, before its record commits), and a node that lacks one fetches it from there
+    into its folder the first time it needs it (`local`, checked against its digest).
+    """
+
+    def __init__(self, root: Path, shared: FileSQL | None = None) -> None:
         self.root = root
+        self.shared = shared
+        self._fetching: dict[str, asyncio.Lock] = {}
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         # Uploads that died mid-stream leave partial files behind; they are garbage.
@@ -74,7 +96,73 @@ class Artifacts:
         return StoredFile(final, size, md5, sha256)
 
     def remove(self, sha256: str) -> None:
+        """This node's copy only; `unshare` removes the database's."""
         self.path_for(sha256).unlink(missing_ok=True)
+
+    async def share(self, sha256: str) -> None:
+        """Put a stored file into the database for the other nodes (nothing without `shared`)."""
+        if self.shared is None or await self.shared.file_chunk_count(sha256):
+            return  # alone, or the same content is there already
+        path = self.path_for(sha256)
+        index = 0
+        try:
+            with open(path, "rb") as fh:
+                while True:
+                    # A group of chunks per transaction: memory stays bounded for any file size.
+                    group = await asyncio.to_thread(_read_group, fh)
+                    if not group:
+                        break
+                    await self.shared.put_file_chunks(sha256, index, group)
+                    index += len(group)
+        except BaseException:
+            await self.shared.delete_file(sha256)
+            raise
+
+    async def discard(self, sha256: str) -> None:
+        """This node's copy and the database's (no record refers to the file any more). Other
+        nodes' copies go at their next start (`sweep`)."""
+        self.remove(sha256)
+        if self.shared is not None:
+            await self.shared.delete_file(sha256)
+
+    async def local(self, sha256: str) -> Path:
+        """The file on this node's disk, fetched from the database first if another node stored it.
+
+        Returns the path even when the file is nowhere (callers treat a missing file as such).
+        Raises OSError when the database's copy does not match its digest.
+        """
+        path = self.path_for(sha256)
+        if self.shared is None or path.exists():
+            return path
+        async with self._fetching.setdefault(sha256, asyncio.Lock()):
+            if path.exists():
+                return path
+            count = await self.shared.file_chunk_count(sha256)
+            if count:
+                await self._fetch(sha256, count, path)
+        self._fetching.pop(sha256, None)
+        return path
+
+    async def _fetch(self, sha256: str, count: int, path: Path) -> None:
+        assert self.shared is not None
+        tmp = self.tmp / f"fetch-{secrets.token_hex(8)}"
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as fh:
+                for index in range(count):
+                    chunk = await self.shared.file_chunk(sha256, index)
+                    if chunk is None:
+                        raise OSError(f"file {sha256} lost chunk {index} in the database")
+                    digest.update(chunk)
+                    await asyncio.to_thread(fh.write, chunk)
+                await asyncio.to_thread(os.fsync, fh.fileno())
+            if digest.hexdigest() != sha256:
+                raise OSError(f"file {sha256} is damaged in the database (its digest differs)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+            os.chmod(path, 0o644)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def sweep(self, keep: set[str]) -> list[str]:
         """Delete stored files whose digest is not in `keep`; the digests deleted.

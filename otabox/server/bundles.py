@@ -92,6 +92,7 @@ class BundleService:
                 md5 = await asyncio.to_thread(_md5, files[entry.member])
                 stored = self.artifacts.adopt(files[entry.member], entry.sha256, entry.size, md5)
                 adopted.append(stored.sha256)
+                await self.artifacts.share(stored.sha256)
                 records.append(
                     Firmware(
                         id=new_firmware_id(),
@@ -121,7 +122,7 @@ class BundleService:
                 p.unlink(missing_ok=True)
             for sha in adopted:
                 if not await self.store.sha256_in_use(sha):
-                    self.artifacts.remove(sha)
+                    await self.artifacts.discard(sha)
             raise
         for fw in records:
             await self.firmware.deltas.uploaded(fw)

@@ -153,12 +153,13 @@ class DeltaService:
         if largest > self.max_bytes:
             raise RuntimeError(f"image of {largest} bytes is over delta_max_bytes ({self.max_bytes})")
         out = self.artifacts.tmp / f"delta-{secrets.token_hex(8)}"
+        old, new = await self.artifacts.local(source.sha256), await self.artifacts.local(fw.sha256)
         limit = MEMORY_BASE + MEMORY_PER_IMAGE_BYTE * largest
         try:
             proc = await asyncio.create_subprocess_exec(
                 *make_command(
-                    self.artifacts.path_for(source.sha256),
-                    self.artifacts.path_for(fw.sha256),
+                    old,
+                    new,
                     out,
                     self.algorithm,
                     limit,
@@ -181,6 +182,7 @@ class DeltaService:
                 raise RuntimeError(f"no saving: a delta of {size} bytes for an image of {fw.size}")
             md5, sha = await asyncio.to_thread(_digests, out)
             self.artifacts.adopt(out, sha, size, md5)
+            await self.artifacts.share(sha)
             ready = DeltaStatus.READY
             return Delta(source.id, fw.id, source.version, self.algorithm, ready, size=size, md5=md5, sha256=sha)
         except TimeoutError as exc:

@@ -108,10 +108,11 @@ class FirmwareService:
                     fields[name] = await _read_field(name, chunks)
             if stored is None:
                 raise BadRequest("file is required")
+            await self.artifacts.share(stored.sha256)
             fw = await self._register(product_key, stored, fields)
         except BaseException:
             if stored is not None and not await self.store.sha256_in_use(stored.sha256):
-                self.artifacts.remove(stored.sha256)
+                await self.artifacts.discard(stored.sha256)
             raise
         await self.deltas.uploaded(fw)
         return fw
@@ -169,6 +170,6 @@ class FirmwareService:
         self.deltas.forget(fw.id)
         for d in made:
             if d.sha256:
-                self.artifacts.remove(d.sha256)
+                await self.artifacts.discard(d.sha256)
         if not await self.store.sha256_in_use(fw.sha256):
-            self.artifacts.remove(fw.sha256)
+            await self.artifacts.discard(fw.sha256)

@@ -127,10 +127,12 @@ class SimDevice:
             f.connect_failures += 1
             return False
         f.connected += 1
-        await self.send(protocol.INFORM, "ota.device.inform", {"version": self.version}, wait_reply=wait_reply)
+        code = await self.send(protocol.INFORM, "ota.device.inform", {"version": self.version}, wait_reply=wait_reply)
         if self.behaviour == "churn" and self.outcome == WAITING:
             self.arm_churn()
-        return True
+        # With wait_reply, connected is not enough: the server must have heard the version (a
+        # server that dies right after CONNACK never does).
+        return code != 0 or not wait_reply
 
     async def reconnect(self, delay: float) -> None:
         """Connect again after `delay`, backing off with jitter until it works or the fleet stops."""
@@ -301,11 +303,18 @@ class SimDevice:
             self.want_offline = True
             self.client.close()
         self.rebooting = False
-        while not await self.connect(wait_reply=True):
+        while not await self._tell_version():
             if f.stopping or self.outcome == REFUSED:
                 return
             await asyncio.sleep(1.0)
         self.finish(FAILED if b == "wrong-version" else SUCCEEDED)
+
+    async def _tell_version(self) -> bool:
+        """Connect if need be (a reconnect may have beaten us to it) and have the server acknowledge the version."""
+        if self.client.connected:
+            params = {"version": self.version}
+            return await self.send(protocol.INFORM, "ota.device.inform", params, wait_reply=True) != 0
+        return await self.connect(wait_reply=True)
 
     async def _between_chunks(self, step: int, pct: int, pause: float) -> None:
         # Inline, not spawned: progress must reach the server before a later failure report.

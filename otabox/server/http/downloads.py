@@ -43,7 +43,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     fw = await svc.store.get_firmware(firmware_id)
     if fw is None or request.match_info["file"] != fw.file_name:
         raise NotFound("no such firmware file")
-    return _counted(request, svc.artifacts.path_for(fw.sha256), pk, dk, firmware_id)
+    return _counted(request, await svc.artifacts.local(fw.sha256), pk, dk, firmware_id)
 
 
 async def download_delta(request: web.Request) -> web.StreamResponse:
@@ -53,7 +53,7 @@ async def download_delta(request: web.Request) -> web.StreamResponse:
     found = await svc.store.get_delta(request.match_info["from"], firmware_id)
     if found is None or found.status != DeltaStatus.READY:
         raise NotFound("no such delta")
-    return _counted(request, svc.deltas.path_of(found), pk, dk, firmware_id)
+    return _counted(request, await svc.artifacts.local(found.sha256), pk, dk, firmware_id)
 
 
 def _counted(request: web.Request, path: Path, pk: str, dk: str, firmware_id: str) -> web.StreamResponse:

@@ -16,6 +16,7 @@ from otabox.server.store.accounts import AccountSQL
 from otabox.server.store.base import Backend, DuplicateError, IntegrityError, SQLiteBackend, is_database_url
 from otabox.server.store.deltas import DeltaSQL
 from otabox.server.store.events import EventSQL
+from otabox.server.store.files import FileSQL
 from otabox.server.store.firmware import FirmwareSQL
 from otabox.server.store.identity import IdentitySQL
 from otabox.server.store.jobs import JobLogEntry, JobSQL
@@ -28,7 +29,17 @@ __all__ = ["DuplicateError", "IntegrityError", "JobLogEntry", "NodeRow", "Store"
 
 
 class Store(
-    RegistrySQL, IdentitySQL, FirmwareSQL, DeltaSQL, JobSQL, TaskSQL, EventSQL, WebhookSQL, AccountSQL, NodeSQL
+    RegistrySQL,
+    IdentitySQL,
+    FirmwareSQL,
+    FileSQL,
+    DeltaSQL,
+    JobSQL,
+    TaskSQL,
+    EventSQL,
+    WebhookSQL,
+    AccountSQL,
+    NodeSQL,
 ):
     """The store. Open with `await Store.open(path or postgresql:// URL)`; `close()` is idempotent."""
 

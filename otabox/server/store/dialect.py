@@ -33,6 +33,7 @@ _TOKEN = re.compile(
 _WORDS = {
     "INTEGER": "BIGINT",
     "REAL": "DOUBLE PRECISION",
+    "BLOB": "BYTEA",
     "TEXT": 'TEXT COLLATE "C"',
     "LIKE": "ILIKE",
     "desc": '"desc"',

@@ -309,4 +309,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX devices_node ON devices (node_id) WHERE node_id IS NOT NULL
         """,
     ),
+    # Firmware and delta files shared by nodes on PostgreSQL (otabox.server.artifacts): each
+    # node keeps a copy on its disk, fetched from here the first time it needs one. Empty on SQLite.
+    (
+        "0013_file_chunks",
+        """
+        CREATE TABLE file_chunks (
+            sha256 TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (sha256, idx)
+        )
+        """,
+    ),
 ]
