@@ -239,6 +239,9 @@ class PostgresCluster:
             await self.store.set_kv(LEADER_KEY, self.node_id)  # for GET /nodes
             if self._engine is not None:
                 self._engine.jobs_changed()
+                sent = await self._engine.resend_published()
+                if sent:
+                    log.info("%d push(es) of published tasks sent again by the new leader", sent)
 
     async def _leadership(self) -> None:
         while True:

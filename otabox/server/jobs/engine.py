@@ -287,6 +287,21 @@ class JobEngine:
         if len(tasks) == budget:
             self.kick()  # more may be pushable right away (rate and concurrency permitting)
 
+    async def resend_published(self) -> int:
+        """A new leader sends again the pushes of tasks still published (not yet confirmed): the
+        old leader may have died between publishing them and their delivery. A device that got
+        the first takes the second for the same job as the same offer. How many were sent."""
+        sent = 0
+        for job in await self.live():
+            if job.status != JobStatus.RUNNING or job.spec.mode != JobMode.PUSH:
+                continue
+            fw = await self.firmware(job.firmware_id)
+            tasks, _ = await self.store.find_tasks(job.id, TaskState.PUBLISHED, "", PUSH_BATCH * 100, 0)
+            for task in tasks:
+                self.send_upgrade(job, fw, task.device_key, await self.delta_for(job, fw, task.from_version))
+                sent += 1
+        return sent
+
     def tokens(self, job: Job, now: float) -> int:
         """New pushes the job's rate limit allows now (for `waiting`)."""
         return self._bucket(job, now).available()
