@@ -56,3 +56,10 @@ class InsufficientStorage(OtaboxError):
 
     status = 507
     code = "disk-full"
+
+
+class StorageUnavailable(OtaboxError):
+    """The firmware storage (S3) did not answer or refused: nothing of the request was kept."""
+
+    status = 503
+    code = "storage-unavailable"

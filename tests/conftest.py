@@ -30,8 +30,9 @@ from otabox.server.settings import Settings
 from otabox.server.store import Store
 from tests.enos_venv import EnosVenvError, ensure_enos_venv
 
-# A real PostgreSQL (scripts/postgres) and the store fixtures run on each backend: tests/postgres.py.
-pytest_plugins = ("tests.postgres",)
+# A real PostgreSQL (scripts/postgres) and the store fixtures run on each backend: tests/postgres.py;
+# a real S3 server (scripts/s3, SeaweedFS): tests/s3.py.
+pytest_plugins = ("tests.postgres", "tests.s3")
 
 TOKEN = "test-admin-token"
 

@@ -26,9 +26,10 @@ from typing import Protocol
 from aiohttp import web
 
 from otabox import __version__
+from otabox.errors import StorageUnavailable
 from otabox.server import backup, pki
 from otabox.server.accounts import AccountService
-from otabox.server.artifacts import Artifacts
+from otabox.server.artifacts import Artifacts, DatabaseCopy, SharedCopy
 from otabox.server.bundles import BundleService
 from otabox.server.cluster import PostgresCluster, Solo, share_keys
 from otabox.server.deltas import DeltaService
@@ -44,6 +45,7 @@ from otabox.server.mqtt.device_hooks import DeviceGateway
 from otabox.server.mqtt.outbox import Outbox
 from otabox.server.nodes import NodeService, default_node_id
 from otabox.server.registry import Registry
+from otabox.server.s3 import Bucket, BucketUrl, StorageConfigError
 from otabox.server.services import Services, Status
 from otabox.server.settings import Settings
 from otabox.server.store import Store
@@ -125,15 +127,21 @@ class App:
         tls_mqtt, tls_https, tls_hosts = self._tls(ca)
         signer = Signer.load_or_create(Path(s.signing_key).expanduser()) if s.signing_key else None
         admin_hash = await self._admin_token(store)
-        artifacts = Artifacts(self.data_dir / "firmware", shared=store if clustered else None)
+        bucket = Bucket(BucketUrl.parse(s.storage_url, self.env), self.env) if s.storage_url else None
+        shared: SharedCopy | None = bucket or (DatabaseCopy(store) if clustered else None)
+        if bucket is not None:
+            await bucket.check()  # wrong keys or no bucket: refuse to start, not fail each upload
+        artifacts = Artifacts(self.data_dir / "firmware", shared=shared)
         swept = artifacts.sweep(await store.stored_digests())
         if swept:
             log.warning("removed %d firmware file(s) no record refers to (left by a crash)", len(swept))
-        if clustered:
-            # Files of an install moved here by `otabox db copy` (its data dir kept): shared now.
-            for sha in await store.stored_digests():
-                if artifacts.path_for(sha).exists():
-                    await artifacts.share(sha)
+        if shared is not None:
+            # Files kept only in this data dir (an install moved by `otabox db copy` with its data
+            # dir, or one started with --storage-url for the first time): into the shared copy now.
+            digests = [sha for sha in await store.stored_digests() if artifacts.path_for(sha).exists()]
+            for sha in digests:
+                await artifacts.share(sha)
+            log.info("firmware in %s (%d file(s) of this data dir checked there)", shared.where, len(digests))
 
         http_sock = self._listen(s.http_port) if s.listens("http_port") else None
         https_sock = self._listen(s.https_port) if tls_https is not None and s.listens("https_port") else None
@@ -147,7 +155,9 @@ class App:
             assert https_port is not None  # settings refuse a server with no HTTP listener at all
             # The name devices check the certificate against, not a bind address.
             public_url = _default_public_url("https", tls_hosts[0] if tls_hosts else s.host, https_port)
-        urls = FileUrls(keys, public_url, s.download_token_ttl)
+        urls = FileUrls(
+            keys, public_url, s.download_token_ttl, bucket.presign if bucket and s.storage_presign else None
+        )
 
         outbox = Outbox()
         cluster: PostgresCluster | Solo = Solo(outbox)
@@ -412,7 +422,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
-    except OSError as exc:
+    except (OSError, StorageUnavailable, StorageConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     tune_gc()

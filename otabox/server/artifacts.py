@@ -1,18 +1,25 @@
-"""Firmware files on disk: streamed in with digests computed on the way, stored by content hash."""
+"""Firmware files on disk: streamed in with digests computed on the way, stored by content hash.
+
+With several nodes (or S3), the node's folder is a cache of a shared copy: the database's chunks
+(`DatabaseCopy`) or a bucket (`otabox.server.s3.Bucket`), both behind `SharedCopy`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from otabox.errors import TooLarge
+from otabox.errors import StorageUnavailable, TooLarge
 from otabox.server.store.files import FileSQL
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024  # bytes per database chunk
 GROUP = 16  # chunks per transaction
@@ -28,6 +35,14 @@ def _read_group(fh: BinaryIO) -> list[bytes]:
     return group
 
 
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class StoredFile:
     path: Path
@@ -36,15 +51,73 @@ class StoredFile:
     sha256: str
 
 
+class SharedCopy(Protocol):
+    """Where every node finds the files, by content hash."""
+
+    where: str  # for people: "the database", "s3://bucket/prefix at http://host:port"
+
+    async def has(self, sha256: str) -> bool: ...
+
+    async def put(self, sha256: str, path: Path) -> None:
+        """Raises with nothing (or only a partial object nobody lists) left behind."""
+
+    async def fetch(self, sha256: str, dest: Path) -> bool:
+        """The file into `dest` (created or truncated); False when it is not there."""
+
+    async def delete(self, sha256: str) -> None: ...
+
+
+class DatabaseCopy:
+    """The files in the database's `file_chunks` table, 1 MiB chunks, a group per transaction."""
+
+    where = "the database"
+
+    def __init__(self, sql: FileSQL) -> None:
+        self.sql = sql
+
+    async def has(self, sha256: str) -> bool:
+        return await self.sql.file_chunk_count(sha256) > 0
+
+    async def put(self, sha256: str, path: Path) -> None:
+        index = 0
+        try:
+            with open(path, "rb") as fh:
+                while True:
+                    # A group of chunks per transaction: memory stays bounded for any file size.
+                    group = await asyncio.to_thread(_read_group, fh)
+                    if not group:
+                        break
+                    await self.sql.put_file_chunks(sha256, index, group)
+                    index += len(group)
+        except BaseException:
+            await self.sql.delete_file(sha256)
+            raise
+
+    async def fetch(self, sha256: str, dest: Path) -> bool:
+        count = await self.sql.file_chunk_count(sha256)
+        if not count:
+            return False
+        with open(dest, "wb") as fh:
+            for index in range(count):
+                chunk = await self.sql.file_chunk(sha256, index)
+                if chunk is None:
+                    raise OSError(f"file {sha256} lost chunk {index} in the database")
+                await asyncio.to_thread(fh.write, chunk)
+        return True
+
+    async def delete(self, sha256: str) -> None:
+        await self.sql.delete_file(sha256)
+
+
 class Artifacts:
     """Content-addressed firmware files under `<data-dir>/firmware/`.
 
-    With `shared` (a store on PostgreSQL, several nodes), every file is also in the database in
-    chunks (`share`, before its record commits), and a node that lacks one fetches it from there
-    into its folder the first time it needs it (`local`, checked against its digest).
+    With `shared` (several nodes on PostgreSQL, or S3), every file is also in the shared copy
+    (`share`, before its record commits), and a node that lacks one fetches it from there into
+    its folder the first time it needs it (`local`, checked against its digest).
     """
 
-    def __init__(self, root: Path, shared: FileSQL | None = None) -> None:
+    def __init__(self, root: Path, shared: SharedCopy | None = None) -> None:
         self.root = root
         self.shared = shared
         self._fetching: dict[str, asyncio.Lock] = {}
@@ -100,64 +173,57 @@ class Artifacts:
         self.path_for(sha256).unlink(missing_ok=True)
 
     async def share(self, sha256: str) -> None:
-        """Put a stored file into the database for the other nodes (nothing without `shared`)."""
-        if self.shared is None or await self.shared.file_chunk_count(sha256):
+        """Put a stored file into the shared copy for the other nodes (nothing without `shared`)."""
+        if self.shared is None or await self.shared.has(sha256):
             return  # alone, or the same content is there already
-        path = self.path_for(sha256)
-        index = 0
-        try:
-            with open(path, "rb") as fh:
-                while True:
-                    # A group of chunks per transaction: memory stays bounded for any file size.
-                    group = await asyncio.to_thread(_read_group, fh)
-                    if not group:
-                        break
-                    await self.shared.put_file_chunks(sha256, index, group)
-                    index += len(group)
-        except BaseException:
-            await self.shared.delete_file(sha256)
-            raise
+        await self.shared.put(sha256, self.path_for(sha256))
 
     async def discard(self, sha256: str) -> None:
-        """This node's copy and the database's (no record refers to the file any more). Other
+        """This node's copy and the shared one (no record refers to the file any more). Other
         nodes' copies go at their next start (`sweep`)."""
         self.remove(sha256)
         if self.shared is not None:
-            await self.shared.delete_file(sha256)
+            try:
+                await self.shared.delete(sha256)
+            except StorageUnavailable as exc:
+                # The record is gone already (or was never made): an object left in the bucket
+                # costs space, not correctness; it is the same content if uploaded again.
+                log.warning("%s; the object of %s stays there", exc, sha256)
 
     async def local(self, sha256: str) -> Path:
-        """The file on this node's disk, fetched from the database first if another node stored it.
+        """The file on this node's disk, fetched from the shared copy first if another node stored it.
 
         Returns the path even when the file is nowhere (callers treat a missing file as such).
-        Raises OSError when the database's copy does not match its digest.
+        Raises OSError when the shared copy does not match its digest, StorageUnavailable when S3
+        does not answer.
         """
         path = self.path_for(sha256)
         if self.shared is None or path.exists():
             return path
         async with self._fetching.setdefault(sha256, asyncio.Lock()):
-            if path.exists():
-                return path
-            count = await self.shared.file_chunk_count(sha256)
-            if count:
-                await self._fetch(sha256, count, path)
+            if not path.exists():
+                await self._fetch(sha256, path)
         self._fetching.pop(sha256, None)
         return path
 
-    async def _fetch(self, sha256: str, count: int, path: Path) -> None:
+    async def check_shared(self, sha256: str) -> bool:
+        """Whether the shared copy of `sha256` reads back whole (fetched, its digest compared)."""
+        assert self.shared is not None
+        tmp = self.tmp / f"check-{secrets.token_hex(8)}"
+        try:
+            return await self.shared.fetch(sha256, tmp) and await asyncio.to_thread(_sha256_of, tmp) == sha256
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _fetch(self, sha256: str, path: Path) -> None:
         assert self.shared is not None
         tmp = self.tmp / f"fetch-{secrets.token_hex(8)}"
-        digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as fh:
-                for index in range(count):
-                    chunk = await self.shared.file_chunk(sha256, index)
-                    if chunk is None:
-                        raise OSError(f"file {sha256} lost chunk {index} in the database")
-                    digest.update(chunk)
-                    await asyncio.to_thread(fh.write, chunk)
-                await asyncio.to_thread(os.fsync, fh.fileno())
-            if digest.hexdigest() != sha256:
-                raise OSError(f"file {sha256} is damaged in the database (its digest differs)")
+            if not await self.shared.fetch(sha256, tmp):
+                return
+            if await asyncio.to_thread(_sha256_of, tmp) != sha256:
+                raise OSError(f"file {sha256} is damaged in {self.shared.where} (its digest differs)")
+            await asyncio.to_thread(_fsync, tmp)
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
             os.chmod(path, 0o644)
@@ -176,3 +242,11 @@ class Artifacts:
                 path.unlink(missing_ok=True)
                 gone.append(path.name)
         return gone
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,12 +10,13 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from otabox.models import Firmware
+from otabox.models import Delta, Firmware
 
 KEY_FILE = "server.key"
 
@@ -151,18 +152,28 @@ class Signer:
 
 class FileUrls:
     """Device-bound firmware download URLs: `{public_url}/firmware/{id}/{file}?token=...` and
-    `{public_url}/firmware/{id}/delta/{from id}?token=...`."""
+    `{public_url}/firmware/{id}/delta/{from id}?token=...`; or, with `presign` (firmware in S3,
+    --storage-presign), URLs of the bucket's objects that are good for as long as a token."""
 
-    def __init__(self, keys: Keys, public_url: str, ttl: float) -> None:
+    def __init__(self, keys: Keys, public_url: str, ttl: float, presign: Presigner | None = None) -> None:
         self.keys = keys
         self.public_url = public_url.rstrip("/")
         self.ttl = ttl
+        self.presign = presign
 
     def file_url(self, fw: Firmware, device_key: str) -> str:
+        if self.presign is not None:
+            return self.presign(fw.sha256, self.ttl, fw.file_name)
         token = self.keys.download_token(fw.id, fw.product_key, device_key, self.ttl)
         return f"{self.public_url}/firmware/{fw.id}/{fw.file_name}?token={token}"
 
-    def delta_url(self, fw: Firmware, from_id: str, device_key: str) -> str:
-        """The delta from firmware `from_id` to `fw`; the token is the one of `fw`'s full image."""
+    def delta_url(self, fw: Firmware, delta: Delta, device_key: str) -> str:
+        """The delta from firmware `delta.from_id` to `fw`; the token is the one of `fw`'s full image."""
+        if self.presign is not None:
+            return self.presign(delta.sha256, self.ttl, f"{fw.file_name}.from-{delta.from_version}.delta")
         token = self.keys.download_token(fw.id, fw.product_key, device_key, self.ttl)
-        return f"{self.public_url}/firmware/{fw.id}/delta/{from_id}?token={token}"
+        return f"{self.public_url}/firmware/{fw.id}/delta/{delta.from_id}?token={token}"
+
+
+class Presigner(Protocol):
+    def __call__(self, sha256: str, seconds: float, file_name: str) -> str: ...

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from otabox import delta
+from otabox.server.s3 import BucketUrl
 
 ENV_PREFIX = "OTABOX_"
 
@@ -40,6 +41,19 @@ SETTINGS: tuple[Setting, ...] = (
     # A heartbeat is one small write per node; its interval bounds how stale GET /nodes is.
     # The timeout trades false alarms (a node briefly stalled) against how soon a dead node's
     # devices show offline (timeout + one heartbeat of the node that notices).
+    Setting(
+        "storage_url",
+        str,
+        "",
+        "S3-compatible storage for firmware (s3://bucket/prefix?endpoint=http://host:port; keys in AWS_*)"
+        " instead of the data dir (one node) or the database (several).",
+    ),
+    Setting(
+        "storage_presign",
+        bool,
+        False,
+        "With storage_url: fileUrls are presigned URLs of the bucket (devices download from S3, not the node).",
+    ),
     Setting("node_heartbeat", float, 3.0, "Seconds between a node's heartbeats (with its connected-device count)."),
     Setting(
         "node_timeout",
@@ -131,6 +145,8 @@ class Settings:
     data_dir: str = "./otabox-data"
     database_url: str = ""
     node_id: str = ""
+    storage_url: str = ""
+    storage_presign: bool = False
     node_heartbeat: float = 3.0
     node_timeout: float = 15.0
     host: str = "0.0.0.0"
@@ -283,6 +299,13 @@ def _check_database(values: dict[str, Any]) -> None:
     if url and values["backup_every"] > 0:
         # The archive is of the data dir's SQLite file; PostgreSQL has its own tools for this.
         raise SettingsError("backup_every backs up the data dir's SQLite database: on PostgreSQL use pg_dump")
+    if values["storage_url"]:
+        try:
+            BucketUrl.parse(values["storage_url"])
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+    elif values["storage_presign"]:
+        raise SettingsError("storage_presign needs storage_url (presigned URLs are of an S3 bucket)")
     if not 0 < values["node_heartbeat"] < values["node_timeout"]:
         raise SettingsError("node_heartbeat must be positive and shorter than node_timeout")
 

@@ -60,7 +60,7 @@ class Cluster(Protocol):
 class UrlMaker(Protocol):
     def file_url(self, fw: Firmware, device_key: str) -> str: ...
 
-    def delta_url(self, fw: Firmware, from_id: str, device_key: str) -> str: ...
+    def delta_url(self, fw: Firmware, delta: Delta, device_key: str) -> str: ...
 
 
 class JobEngine:
@@ -372,7 +372,7 @@ class JobEngine:
             params["delta"] = {
                 "from": delta.from_version,
                 "algorithm": delta.algorithm,
-                "fileUrl": self.urls.delta_url(fw, delta.from_id, device_key),
+                "fileUrl": self.urls.delta_url(fw, delta, device_key),
                 "fileSize": delta.size,
                 "sign": delta.sign(fw.sign_method),
                 "signMethod": fw.sign_method,
