@@ -34,10 +34,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.servers import REPO, Proc, _spawn, free_port, raise_nofile
+from bench.servers import CLK_TCK, REPO, Proc, _cpu, _spawn, free_port, raise_nofile
 from otabox.cli.client import Client
 from otabox.cli.simulate import create_devices
 
@@ -125,13 +126,150 @@ def layout_nodes(layout: str) -> tuple[str, int]:
     return backend, count
 
 
+# ---------------------------------------------------------------- readings
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (PostgreSQL's postmaster and backends)."""
+    pids, total = [pid], 0.0
+    for p in pids:
+        total += _cpu(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children", encoding="ascii") as fh:
+                pids += [int(c) for c in fh.read().split()]
+        except OSError:
+            pass
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (/proc/stat), every core summed."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    total = sum(ticks[:8])  # guest time is already inside user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def health(node: Node) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http}/healthz", timeout=10) as resp:
+        found: dict[str, Any] = json.loads(resp.read())
+        return found
+
+
+def pg_query(url: str, sql: str) -> dict[str, Any]:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> dict[str, Any]:
+        conn = await asyncpg.connect(url)
+        try:
+            row = await conn.fetchrow(sql)
+            return dict(row) if row else {}
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+PG_COUNTERS = "xact_commit, tup_inserted, tup_updated, tup_deleted, blks_hit, blks_read"
+
+
+def pg_stats(url: str) -> dict[str, int]:
+    """The cumulative counters of this database (pg_stat_database), and its size."""
+    sql = f"SELECT {PG_COUNTERS}, pg_database_size(current_database()) AS bytes"
+    sql += " FROM pg_stat_database WHERE datname = current_database()"
+    return {k: int(v) for k, v in pg_query(url, sql).items()}
+
+
+def sqlite_bytes(node_dir: Path) -> int:
+    return sum(f.stat().st_size for f in node_dir.glob("otabox.db*") if f.is_file())
+
+
+def sim_summary(proc: Proc) -> dict[str, Any]:
+    """The JSON summary a simulator prints when it stops (after its warnings); {} when none."""
+    text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
+    at = text.find("\n{")
+    at = 0 if text.startswith("{") else at + 1 if at >= 0 else -1
+    if at < 0:
+        return {}
+    try:
+        found: dict[str, Any] = json.loads(text[at:])
+        return found
+    except ValueError:
+        return {}
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def log_rates(lines: list[str]) -> dict[str, Any]:
+    """Rows of a job's upgrade log by kind, and the busiest 10 s of device reports stored."""
+    kinds: dict[str, int] = {}
+    reports: list[float] = []  # upgrading rows: each one a progress report a device sent
+    for line in lines:
+        row = json.loads(line)
+        key = f"{row['kind']}:{row['status']}"
+        kinds[key] = kinds.get(key, 0) + 1
+        if row["status"] == "upgrading":
+            reports.append(epoch(row["ts"]))
+    reports.sort()
+    peak, lo = 0, 0
+    for hi, t in enumerate(reports):
+        while reports[lo] < t - 10.0:
+            lo += 1
+        peak = max(peak, hi - lo + 1)
+    span = (reports[-1] - reports[0]) if len(reports) > 1 else 0.0
+    return {
+        "rowsByKind": dict(sorted(kinds.items())),
+        "progressReports": len(reports),
+        "progressPerSecondMean": round(len(reports) / span, 1) if span else None,
+        "progressPerSecondPeak10s": round(peak / 10.0, 1),
+    }
+
+
+class Meter:
+    """CPU seconds of every party (nodes, PostgreSQL, simulators, the rest of the machine) over one phase."""
+
+    def __init__(self, nodes: list[Node], sims: list[Proc], pg_pid: int | None) -> None:
+        self.nodes, self.sims, self.pg_pid = nodes, sims, pg_pid
+        self.t0 = time.monotonic()
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        out = {n.name: n.proc.cpu_seconds() for n in self.nodes}
+        out["postgres"] = tree_cpu(self.pg_pid) if self.pg_pid else 0.0
+        out["simulators"] = sum(s.cpu_seconds() for s in self.sims)
+        out["machineBusy"], out["machineTotal"] = machine_cpu()
+        return out
+
+    def stop(self) -> dict[str, Any]:
+        end = self._read()
+        d = {k: end[k] - self.start[k] for k in end}
+        wall = time.monotonic() - self.t0
+        ours = sum(v for k, v in d.items() if k not in ("machineBusy", "machineTotal"))
+        out: dict[str, Any] = {k: round(v, 1) for k, v in d.items() if k not in ("machineBusy", "machineTotal")}
+        out["others"] = round(max(0.0, d["machineBusy"] - ours), 1)  # processes outside this run
+        out["wallSeconds"] = round(wall, 1)
+        out["machineBusyPercent"] = round(100 * d["machineBusy"] / d["machineTotal"], 1) if d["machineTotal"] else None
+        return out
+
+
+# ---------------------------------------------------------------- one layout
+
+
 def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, Any] | None) -> dict[str, Any]:
     backend, count = layout_nodes(layout)
     folder = work / layout
     folder.mkdir()
     url = new_database(pg["url"], f"bench_{layout}") if backend == "pg" and pg else None
+    pg_pid = int((Path(pg["dir"]) / "data" / "postmaster.pid").read_text().split()[0]) if url and pg else None
     nodes: list[Node] = []
     sims: list[Proc] = []
+    result: dict[str, Any] = {"layout": layout, "nodes": count, "devices": args.devices, "sims": args.sims}
+    result["backend"] = "sqlite" if backend == "sqlite" else "postgresql"
     try:
         for i in range(count):
             nodes.append(Node(folder, f"node{i + 1}", url))
@@ -141,6 +279,9 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
         log(f"{layout}: creating {args.devices} devices")
         devices = create_devices(api, PK, args.devices, "d-", "1.0.0")
         parts = [devices[i :: args.sims] for i in range(args.sims)]
+        time.sleep(3)  # the import's garbage settled
+        rss0 = {n.name: n.proc.rss() for n in nodes}
+        meter = Meter(nodes, sims, pg_pid)
         t0 = time.monotonic()
         for i, part in enumerate(parts):
             node = nodes[i % count]
@@ -149,26 +290,46 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
                 csv.writer(fh).writerows(part)
             argv = [sys.executable, "-m", "otabox", "simulate", PK, "--url", f"http://127.0.0.1:{node.http}"]
             argv += ["--token", TOKEN, "--csv", str(path), "--mqtt-port", str(node.mqtt), "--json"]
-            argv += ["--duration", str(args.max_seconds), "--flash-time", "0.2-1", "--reboot-time", "0.2-1"]
-            argv += ["--connect-concurrency", "200", "--http-connections", "64"]
+            argv += ["--duration", str(3 * args.max_seconds), "--flash-time", "0.2-1", "--reboot-time", "0.2-1"]
+            argv += ["--connect-concurrency", str(args.connect_concurrency), "--http-connections", "64"]
             sims.append(_spawn(f"sim{i}", argv, folder / f"sim{i}.log", cwd=REPO))
+        per_node: dict[str, int] = {}
 
         def connected() -> bool:
-            listed = api.get("/nodes")["items"]
-            return sum(n["devicesConnected"] for n in listed) >= args.devices
+            for s in sims:
+                if not s.alive():
+                    raise RuntimeError(f"simulator {s.name} exited:\n{s.tail()}")
+            per_node.update({n.name: int(health(n)["devicesConnected"]) for n in nodes})
+            return sum(per_node.values()) >= args.devices
 
         wait("storm", connected, args.max_seconds, every=0.1)
         storm = time.monotonic() - t0
+        log(f"{layout}: storm {storm:.1f} s")
 
         def reported() -> bool:
             return bool(api.get(f"/products/{PK}/devices", version="1.0.0", limit=1)["total"] >= args.devices)
 
-        wait("versions reported", reported, 120)
-        log(f"{layout}: storm {storm:.1f} s")
+        wait("versions reported", reported, args.max_seconds)
+        versions = time.monotonic() - t0
+        result["storm"] = {"seconds": round(storm, 2), "versionsReportedSeconds": round(versions, 2)}
+        result["storm"]["cpuSeconds"] = meter.stop()
+        time.sleep(5)  # the storm's garbage settled before the reading of memory
+        rss1 = {n.name: n.proc.rss() for n in nodes}
+        result["memory"] = {
+            "rssIdleMiB": {k: round(v / 2**20, 1) for k, v in rss0.items()},
+            "rssConnectedMiB": {k: round(v / 2**20, 1) for k, v in rss1.items()},
+            "connected": dict(per_node),
+            "kibPerConnection": {
+                k: round((rss1[k] - rss0[k]) / 1024 / per_node[k], 1) for k in rss1 if per_node.get(k)
+            },
+        }
         image = folder / "fw.bin"
         image.write_bytes(os.urandom(args.image_kb * 1024))
         fw = api.upload_firmware(PK, image, {"name": "bench", "version": "2.0.0"})
-        cpu0 = {n.name: n.proc.cpu_seconds() for n in nodes}
+        if url:
+            time.sleep(11)  # idle backends flush their statistics within 10 s (PGSTAT_IDLE_INTERVAL)
+            db0 = pg_stats(url)
+        meter = Meter(nodes, sims, pg_pid)
         t1 = time.monotonic()
         job = api.post("/jobs", {"firmwareId": fw["id"], "name": "bench", "scope": {"versionNumbers": ["1.0.0"]}})
         fanout = None
@@ -180,33 +341,52 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
                 break
             if time.monotonic() - t1 > args.max_seconds:
                 raise TimeoutError(f"rollout not done in {args.max_seconds} s: {state['counts']}")
-            time.sleep(0.2)
+            time.sleep(0.5)
         rollout = time.monotonic() - t1
-        rows = len(api.get("/events", jobId=job["id"]).splitlines())  # JSON lines: text
-        result = {
-            "layout": layout,
-            "nodes": count,
-            "backend": "sqlite" if backend == "sqlite" else "postgresql",
-            "devices": args.devices,
-            "stormSeconds": round(storm, 2),
+        cpu = meter.stop()
+        rss2 = {n.name: n.proc.rss() for n in nodes}
+        hwm = {n.name: n.proc.hwm() for n in nodes}
+        lines = api.get("/events", jobId=job["id"]).splitlines()  # JSON lines: text
+        rows = len(lines)
+        result["rollout"] = {
             "fanoutSeconds": round(fanout or rollout, 2),
-            "rolloutSeconds": round(rollout, 2),
+            "seconds": round(rollout, 2),
             "jobStatus": state["status"],
             "counts": {k: v for k, v in state["counts"].items() if v},
-            "logRows": rows,
-            "eventsPerSecond": round(rows / rollout, 1),
             "imageKiB": args.image_kb,
-            "nodeRssMiB": {n.name: round(n.proc.rss() / 2**20) for n in nodes},
-            "nodeCpuSecondsRollout": {n.name: round(n.proc.cpu_seconds() - cpu0[n.name], 1) for n in nodes},
-            "simCpuSeconds": round(sum(s.cpu_seconds() for s in sims), 1),
+            "logRows": rows,
+            "logRowsPerDevice": round(rows / args.devices, 2),
+            "eventsPerSecond": round(rows / rollout, 1),
+            **log_rates(lines),
+            "cpuSeconds": cpu,
         }
+        result["memory"]["rssAfterRolloutMiB"] = {k: round(v / 2**20, 1) for k, v in rss2.items()}
+        result["memory"]["rssPeakMiB"] = {k: round(v / 2**20, 1) for k, v in hwm.items()}
+        result["memory"]["rssPeakTotalMiB"] = round(sum(hwm.values()) / 2**20, 1)
+        if url:
+            time.sleep(11)
+            db1 = pg_stats(url)
+            delta = {k: db1[k] - db0[k] for k in db0 if k != "bytes"}
+            result["database"] = {
+                "during rollout": delta,
+                "perDevice": {k: round(v / args.devices, 2) for k, v in delta.items() if not k.startswith("blks")},
+                "rowWritesPerSecond": round((delta["tup_inserted"] + delta["tup_updated"]) / rollout, 1),
+                "commitsPerSecond": round(delta["xact_commit"] / rollout, 1),
+                "sizeMiB": round(db1["bytes"] / 2**20, 1),
+            }
+        else:
+            result["database"] = {"sizeMiB": round(sqlite_bytes(folder / "node1") / 2**20, 1)}
         log(f"{layout}: {json.dumps(result)}")
         return result
     finally:
         for s in sims:
-            s.stop()
+            s.stop(30)
+        result["simulators"] = [{k: v for k, v in sim_summary(s).items() if k in SIM_KEYS} for s in sims]
         for n in nodes:
             n.proc.stop(30)
+
+
+SIM_KEYS = ("devices", "elapsedSeconds", "stoppedBy", "outcomes", "reconnects", "connectFailures", "connectSeconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,39 +394,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=10_000)
     p.add_argument("--layouts", default="sqlite1,pg1,pg3", help="comma-separated: sqlite1, pg1, pg3, ... [%(default)s]")
     p.add_argument("--image-kb", type=int, default=1024, help="firmware image size, KiB [1024]")
-    p.add_argument("--sims", type=int, default=0, help="simulator processes [one per 5,000 devices, at least 2]")
+    p.add_argument(
+        "--sims", type=int, default=0, help="simulator processes [one per 5,000 devices, a multiple of the nodes]"
+    )
+    p.add_argument("--connect-concurrency", type=int, default=200, help="logins in flight per simulator [200]")
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of each phase [900]")
     p.add_argument("--json", default=str(REPO / "bench" / "cluster-results.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, data dirs)")
     args = p.parse_args(argv)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     try:
-        for layout in layouts:
-            layout_nodes(layout)
+        most = max(layout_nodes(layout)[1] for layout in layouts)
     except ValueError as exc:
         p.error(str(exc))
-    args.sims = args.sims or max(2, -(-args.devices // 5000))
+    if not args.sims:  # every node gets as many simulators as the others
+        args.sims = -(-max(2, -(-args.devices // 5000)) // most) * most
     nofile = raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="otabox-bench-cluster-"))
-    log(f"work in {work}; open files limit {nofile}")
+    log(f"work in {work}; open files limit {nofile}; {args.sims} simulators")
     pg = start_postgres() if any(x.startswith("pg") for x in layouts) else None
-    results = []
+    out: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cores": os.cpu_count(), "openFilesLimit": nofile, "memMiB": mem_mib()},
+        "devices": args.devices,
+        "imageKiB": args.image_kb,
+        "sims": args.sims,
+        "results": [],
+    }
+    failed = 0
     try:
         for layout in layouts:
-            results.append(run_layout(layout, args, work, pg))
+            try:
+                out["results"].append(run_layout(layout, args, work, pg))
+            except Exception as exc:  # the next layouts still run; the JSON tells what broke
+                failed += 1
+                log(f"{layout}: FAILED: {exc!r}")
+                out["results"].append({"layout": layout, "error": repr(exc)})
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     finally:
         if pg:
             subprocess.run([sys.executable, str(POSTGRES), "stop", pg["dir"]], timeout=60, check=False)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)], check=False)
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "devices": args.devices, "results": results}
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{'layout':8} {'storm s':>8} {'fan-out s':>9} {'rollout s':>9} {'events/s':>9}  node RSS MiB")
-    for r in results:
-        rss = ", ".join(f"{v}" for v in r["nodeRssMiB"].values())
-        row = f"{r['layout']:8} {r['stormSeconds']:8.1f} {r['fanoutSeconds']:9.1f} {r['rolloutSeconds']:9.1f}"
-        print(f"{row} {r['eventsPerSecond']:9.0f}  {rss}")
-    return 0
+    print(f"{'layout':8} {'storm s':>8} {'fan-out s':>9} {'rollout s':>9} {'reports/s':>9}  node RSS MiB (peak)")
+    for r in out["results"]:
+        if "error" in r:
+            print(f"{r['layout']:8} failed: {r['error']}")
+            continue
+        ro = r["rollout"]
+        rss = ", ".join(f"{v:.0f}" for v in r["memory"]["rssPeakMiB"].values())
+        row = f"{r['layout']:8} {r['storm']['seconds']:8.1f} {ro['fanoutSeconds']:9.1f} {ro['seconds']:9.1f}"
+        print(f"{row} {ro['progressPerSecondMean'] or 0:9.0f}  {rss}")
+    return 1 if failed else 0
+
+
+def mem_mib() -> int:
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        return int(fh.readline().split()[1]) // 1024
 
 
 if __name__ == "__main__":
