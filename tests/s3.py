@@ -44,7 +44,9 @@ class S3:
             pytest.fail(f"the S3 server could not be started (scripts/s3 start):\n{done.stderr}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
         prefix = info["url"].split("?")[0].removeprefix(f"s3://{info['bucket']}/")
-        return cls(info["url"], info["endpoint"], info["bucket"], prefix, info["access_key"], info["secret_key"], info["dir"])
+        return cls(
+            info["url"], info["endpoint"], info["bucket"], prefix, info["access_key"], info["secret_key"], info["dir"]
+        )
 
     def stop(self) -> None:
         subprocess.run([sys.executable, str(SCRIPT), "stop", self.dir], timeout=60, check=False)
@@ -73,8 +75,9 @@ class S3:
             resp.close()
             resp.release_conn()
 
-    def key(self, sha256: str) -> str:
-        return f"{self.prefix}/{sha256[:2]}/{sha256}"
+    def key(self, sha256: str, prefix: str | None = None) -> str:
+        """The object of `sha256` under `prefix` (default: the server's own)."""
+        return f"{prefix or self.prefix}/{sha256[:2]}/{sha256}"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Three otabox nodes on one PostgreSQL behind a TCP balancer (nginx stream: scripts/balancer).
+"""Three otabox nodes on one PostgreSQL and one S3 bucket (SeaweedFS: scripts/s3) behind a TCP
+balancer (nginx stream: scripts/balancer).
 
 300 simulated devices (`otabox simulate`, its own process) connect through the balancer and so
 spread over all three nodes; a staged push rollout with a concurrency cap and abort rules runs
@@ -6,7 +7,8 @@ over them. Mid-rollout a follower node is killed with SIGKILL, then the leader (
 the job decisions): another node leads within 15 s, the killed nodes' devices reconnect through
 the balancer to the live ones, and the job completes with every count exact, the cap held
 cluster-wide, and exactly one push and one result per device in the upgrade log. Then every node
-is restarted and the cluster comes back with the same records.
+is restarted and the cluster comes back with the same records. The firmware is in the bucket
+only (not in the database), and every node served downloads of it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from bench.servers import free_port
 from tests.conftest import TOKEN, Device, Server, wait_for
+from tests.s3 import S3
 from tests.test_restart import procs, spawn  # noqa: F401  (procs: the fixture that kills what is left)
 from tests.test_webhooks import Receiver, receiver, subscribe  # noqa: F401  (receiver: the fixture)
 
@@ -59,9 +63,12 @@ async def leader(server: Server, among: set[str]) -> str | None:
 async def test_three_nodes_rollout_survives_kill_9_of_a_follower_and_the_leader(
     tmp_path: Path,
     postgres_url: str,
+    s3_server: S3,
     procs: list[Any],  # noqa: F811
 ) -> None:
     database = {"database_url": postgres_url}
+    prefix = f"cluster-{os.getpid()}"
+    storage = ("--storage-url", f"s3://{s3_server.bucket}/{prefix}?endpoint={s3_server.endpoint}")
     mqtt_ports = {n: free_port() for n in NODES}
     http_ports = {n: free_port() for n in NODES}
     lb_mqtt, lb_http = free_port(), free_port()
@@ -84,8 +91,10 @@ async def test_three_nodes_rollout_survives_kill_9_of_a_follower_and_the_leader(
             str(http_ports[name]),
             "--public-url",
             public,
+            *storage,
             *FAST,
             log=tmp_path / f"{name}.log",
+            env=s3_server.env,
         )
         procs.append(proc)
         sessions.append(http)
@@ -160,6 +169,18 @@ async def test_three_nodes_rollout_survives_kill_9_of_a_follower_and_the_leader(
         assert summary["behaviours"]["success"]["outcomes"] == {"succeeded": DEVICES - FAILING}, summary
 
         _check_log(events, DEVICES, CAP)
+        # The image is in the bucket, not in the database; each node had to fetch it to serve it.
+        listed = s3_server.client().list_objects(s3_server.bucket, prefix=prefix + "/", recursive=True)
+        assert [(o.object_name, o.size) for o in listed] == [
+            (f"{prefix}/{fw['sha256'][:2]}/{fw['sha256']}", fw["size"])
+        ]
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            assert await conn.fetchval("SELECT COUNT(*) FROM file_chunks") == 0
+        finally:
+            await conn.close()
+        for name in NODES:
+            assert (tmp_path / name / "firmware" / fw["sha256"][:2] / fw["sha256"]).is_file(), name
 
         # Every node again (the killed two, then all three from cold): the same records, one leader.
         await start("a")

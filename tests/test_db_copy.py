@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ import aiohttp
 import pytest
 
 from otabox.cli import main
+from otabox.server.app import App
+from otabox.server.settings import Settings
 from otabox.server.store import Store
 from tests.conftest import TOKEN, Device, Server, start_server, stop_within, wait_for
+from tests.s3 import S3
 
 # The source is an all-in-one install: its `server` is on SQLite whatever OTABOX_TEST_BACKENDS says.
 pytestmark = pytest.mark.sqlite_only
@@ -90,7 +94,10 @@ async def test_a_copied_install_has_every_row(server: Server, postgres_url: str,
             "kv": await copied._all("SELECT key, value FROM kv ORDER BY key"),
         }
         assert {k: v for k, v in after.items() if k != "kv"} == {k: v for k, v in before.items() if k != "kv"}
-        assert [tuple(r) for r in after["kv"]] == [tuple(r) for r in before["kv"]]
+        # The same kv, and the data dir's keys now shared for the cluster's nodes.
+        shared = [tuple(r) for r in after["kv"] if r["key"] == "shared_keys"]
+        assert [tuple(r) for r in after["kv"] if r["key"] != "shared_keys"] == [tuple(r) for r in before["kv"]]
+        assert len(shared) == 1 and json.loads(shared[0][1])["server.key"]
         # The identity columns go on after the copied rows.
         await copied.create_devices("pk1", [("d4", "enc", "sign", {})])
         await copied.delete_device("pk1", "d2")  # its pending task ends canceled: a new event
@@ -138,6 +145,60 @@ async def test_a_copied_install_carries_on_on_postgresql(server: Server, postgre
             await d2.close()
     finally:
         await stop_within(again)
+
+
+async def test_a_copied_install_moves_into_postgresql_and_s3(
+    server: Server, postgres_url: str, s3_server: S3, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    """`--storage-url`: the firmware files go into the bucket and the keys into the database, each
+    file read back and checked; a node on a new, empty data dir then serves the old devices."""
+    await server.product("pk1")
+    image = os.urandom(200_000)
+    fw = await server.firmware("pk1", "2.0", image)
+    secret = (await server.device("d1"))["deviceSecret"]
+    await server.app.stop()
+    capsys.readouterr()
+    prefix = f"copied-{os.getpid()}"
+    storage = f"s3://{s3_server.bucket}/{prefix}?endpoint={s3_server.endpoint}"
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["db", "copy", "--from", str(server.data_dir), "--to", postgres_url, "--storage-url", storage, "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert files == {"count": 1, "bytes": len(image), "where": files["where"], "checked": True}
+    assert s3_server.sha256_of(s3_server.key(fw["sha256"], prefix)) == fw["sha256"]
+
+    fresh = tmp_path / "fresh"  # nothing of the old data dir: keys and files come from the cluster
+    settings = Settings(data_dir=str(fresh), host="127.0.0.1", http_port=0, mqtt_port=0, scheduler_interval=0.1)
+    node = App(
+        settings.replace(database_url=postgres_url, storage_url=storage),
+        env={"OTABOX_ADMIN_TOKEN": TOKEN, **s3_server.env},
+    )
+    await node.start()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            moved = Server(node, http, f"http://127.0.0.1:{node.http_port}", fresh)
+            d1 = await Device(moved, "pk1", "d1", secret).connect("1.0")  # the old secret still opens
+            await moved.call("POST", "/jobs", 201, json={"firmwareId": fw["id"]})
+            params = await d1.upgrade()
+            async with http.get(params["fileUrl"]) as resp:
+                assert resp.status == 200 and await resp.read() == image
+            await d1.close()
+        assert await node.store._all("SELECT sha256 FROM file_chunks") == []  # the files are in S3 only
+    finally:
+        await stop_within(node)
+
+
+def test_storage_url_needs_a_data_dir(tmp_path: Path, capsys: Any) -> None:
+    db = tmp_path / "otabox.db"
+    db.write_bytes(b"")
+    argv = ["db", "copy", "--from", str(db), "--to", "postgresql://u@127.0.0.1/x", "--storage-url", "s3://b/p"]
+    assert main(argv) == 2
+    assert "needs --from to be the data dir" in capsys.readouterr().err
+    argv[-1] = "s3://b/p?endpoint=ftp://x"
+    argv[3] = str(tmp_path)
+    assert main(argv) == 2
+    assert "must be http" in capsys.readouterr().err
 
 
 async def _task_status(server: Server, job_id: str, dk: str, status: str) -> bool:

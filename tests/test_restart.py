@@ -21,10 +21,14 @@ pytestmark = pytest.mark.both_backends
 
 
 async def spawn(
-    data_dir: Path, database: dict[str, str] | None = None, *extra: str, log: Path | None = None
+    data_dir: Path,
+    database: dict[str, str] | None = None,
+    *extra: str,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, Server, aiohttp.ClientSession]:
     """`otabox serve` in another process on `data_dir` (and the `server_database` settings); its
-    log appended to `log` if given."""
+    log appended to `log` if given, `env` added to its environment."""
     ports = data_dir / "ports.json"
     ports.unlink(missing_ok=True)
     url = (database or {}).get("database_url")
@@ -35,7 +39,7 @@ async def spawn(
         *serve_command(
             data_dir, "--scheduler-interval", "0.1", *(["--database-url", url] if url else []), *node, *extra
         ),
-        env={**os.environ, "OTABOX_ADMIN_TOKEN": TOKEN},
+        env={**os.environ, "OTABOX_ADMIN_TOKEN": TOKEN, **(env or {})},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL if log is None else log.open("ab"),
     )

@@ -27,6 +27,7 @@ ERROR_TEXT = {
     404: "Not found.",
     409: "Conflicts with the current state.",
     413: "Too large.",
+    503: "The firmware storage (S3) did not answer or refused; nothing was stored.",
     507: "The server's disk is full; nothing was stored.",
 }
 

@@ -157,7 +157,7 @@ def operations() -> list[Op]:
                 "206": {"description": "Part of the file (Range)."},
             },
             params=(query("token", {"type": "string"}, "The download token of the fileUrl."),),
-            errors=(401, 403),
+            errors=(401, 403, 503),
             security="none",
         ),
         Op(
@@ -169,7 +169,7 @@ def operations() -> list[Op]:
                 "206": {"description": "Part of the delta (Range)."},
             },
             params=(query("token", {"type": "string"}, "The download token of the fileUrl."),),
-            errors=(401, 403),
+            errors=(401, 403, 503),
             security="none",
         ),
         Op("GET", f"{p}/openapi.json", "This document", {"200": reply({"type": "object"})}, security="none"),
@@ -316,7 +316,7 @@ def operations() -> list[Op]:
                     }
                 },
             },
-            errors=(409,),
+            errors=(409, 503),
         ),
         Op("GET", f"{pk}/firmware", "List a product's firmware", _list("Firmware"), params=PAGE),
         Op("GET", f"{p}/firmware/{{id}}", "Show firmware", _ok("Firmware")),
@@ -372,7 +372,7 @@ def operations() -> list[Op]:
                     }
                 },
             },
-            errors=(403, 409),
+            errors=(403, 409, 503),
         ),
         Op(
             "POST",
