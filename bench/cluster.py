@@ -129,17 +129,34 @@ def layout_nodes(layout: str) -> tuple[str, int]:
 # ---------------------------------------------------------------- readings
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its live descendants (PostgreSQL's postmaster and backends)."""
-    pids, total = [pid], 0.0
-    for p in pids:
-        total += _cpu(p)
+def pid_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for p in pids:  # grows while iterating
         try:
             with open(f"/proc/{p}/task/{p}/children", encoding="ascii") as fh:
                 pids += [int(c) for c in fh.read().split()]
         except OSError:
             pass
-    return total
+    return pids
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (PostgreSQL's postmaster and backends)."""
+    return sum(_cpu(p) for p in pid_tree(pid))
+
+
+def all_cpu() -> dict[int, tuple[str, float]]:
+    """(command name, CPU seconds) of every process on the machine: who else used the cores."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as fh:
+                    name = fh.read().strip()
+            except OSError:
+                continue
+            out[int(entry)] = (name, _cpu(int(entry)))
+    return out
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -237,6 +254,7 @@ class Meter:
         self.nodes, self.sims, self.pg_pid = nodes, sims, pg_pid
         self.t0 = time.monotonic()
         self.start = self._read()
+        self.procs = all_cpu()
 
     def _read(self) -> dict[str, float]:
         out = {n.name: n.proc.cpu_seconds() for n in self.nodes}
@@ -252,6 +270,13 @@ class Meter:
         ours = sum(v for k, v in d.items() if k not in ("machineBusy", "machineTotal"))
         out: dict[str, Any] = {k: round(v, 1) for k, v in d.items() if k not in ("machineBusy", "machineTotal")}
         out["others"] = round(max(0.0, d["machineBusy"] - ours), 1)  # processes outside this run
+        ours_pids = {os.getpid(), *pid_tree(self.pg_pid or os.getpid())}
+        for proc in [n.proc for n in self.nodes] + self.sims:
+            ours_pids.update(pid_tree(proc.pid))
+        now = all_cpu()
+        used = [(cpu - self.procs.get(pid, ("", 0.0))[1], f"{name}[{pid}]") for pid, (name, cpu) in now.items()]
+        busiest = sorted((u for u, pid in zip(used, now, strict=True) if pid not in ours_pids), reverse=True)
+        out["othersTop"] = {who: round(sec, 1) for sec, who in busiest[:3] if sec >= 0.1}
         out["wallSeconds"] = round(wall, 1)
         out["machineBusyPercent"] = round(100 * d["machineBusy"] / d["machineTotal"], 1) if d["machineTotal"] else None
         return out
@@ -416,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cores": os.cpu_count(), "openFilesLimit": nofile, "memMiB": mem_mib()},
+        "otaboxCommit": commit(),
         "devices": args.devices,
         "imageKiB": args.image_kb,
         "sims": args.sims,
@@ -446,6 +472,16 @@ def main(argv: list[str] | None = None) -> int:
         row = f"{r['layout']:8} {r['storm']['seconds']:8.1f} {ro['fanoutSeconds']:9.1f} {ro['seconds']:9.1f}"
         print(f"{row} {ro['progressPerSecondMean'] or 0:9.0f}  {rss}")
     return 1 if failed else 0
+
+
+def commit() -> str:
+    """The commit of the code measured: git's, or BENCH_COMMIT for a copy made with `git archive`."""
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    status = ["git", "-C", str(REPO), "status", "--porcelain", "otabox"]
+    dirty = subprocess.run(status, capture_output=True, check=False)
+    if done.returncode == 0:
+        return done.stdout.strip() + (" (otabox/ modified)" if dirty.stdout.strip() else "")
+    return os.environ.get("BENCH_COMMIT", "unknown")
 
 
 def mem_mib() -> int:
