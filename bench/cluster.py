@@ -51,6 +51,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+STUCK = 30.0  # seconds without progress after which a count is taken as final
+
+
+def until_all(what: str, count: Any, want: int, timeout: float, every: float = 0.25) -> int:
+    """Poll `count()` until it reaches `want`, or has not grown for STUCK seconds; returns the last count."""
+    deadline = time.monotonic() + timeout
+    best, best_at = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = int(count())
+        if n >= want:
+            return n
+        if n > best:
+            best, best_at = n, time.monotonic()
+        elif time.monotonic() - best_at > STUCK:
+            log(f"{what}: stuck at {n} of {want} for {STUCK:.0f} s; going on")
+            return n
+        time.sleep(every)
+    raise TimeoutError(f"{what}: {best} of {want} within {timeout:.0f} s")
+
+
 def wait(what: str, check: Any, timeout: float, every: float = 0.25) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,7 +82,7 @@ def wait(what: str, check: Any, timeout: float, every: float = 0.25) -> Any:
 
 
 class Node:
-    def __init__(self, work: Path, name: str, database_url: str | None) -> None:
+    def __init__(self, work: Path, name: str, database_url: str | None, node_timeout: float | None = None) -> None:
         self.name = name
         self.http, self.mqtt = free_port(), free_port()
         data = work / name
@@ -71,6 +91,8 @@ class Node:
         argv = [sys.executable, "-m", "otabox", "serve", "--data-dir", str(data), "--host", "127.0.0.1"]
         argv += ["--http-port", str(self.http), "--mqtt-port", str(self.mqtt), "--node-id", name]
         argv += ["--log-level", "WARNING"]
+        if node_timeout:
+            argv += ["--node-timeout", str(node_timeout)]
         if database_url:
             argv += ["--database-url", database_url]
         self.proc: Proc = _spawn(f"otabox-{name}", argv, work / f"{name}.log", env=env, cwd=REPO)
@@ -282,6 +304,34 @@ class Meter:
         return out
 
 
+def watch_rollout(api: Client, job_id: str, missing: int, t1: float, max_seconds: float) -> tuple[Any, float | None]:
+    """Until the job is done (or only the `missing` devices' tasks are left): its last state, the fan-out time."""
+    fanout = None
+    settled_at: float | None = None
+    last_pending = -1
+    while True:
+        state = api.get(f"/jobs/{job_id}")
+        c = state["counts"]
+        if fanout is None and c["pending"] <= missing:
+            fanout = time.monotonic() - t1
+        if state["status"] not in ("running", "scheduled"):
+            break
+        # Nothing in flight and only tasks nobody will take left (devices that never connected, or
+        # that the database wrongly shows offline: no push goes to them): settled, once it stays so.
+        idle = not c["published"] and not c["upgrading"]
+        if idle and (settled_at is None or c["pending"] != last_pending):
+            settled_at, last_pending = time.monotonic(), c["pending"]
+        elif not idle:
+            settled_at = None
+        if settled_at is not None and time.monotonic() - settled_at > (5 if c["pending"] <= missing else STUCK):
+            log(f"rollout settled with {c['pending']} task(s) pending")
+            break
+        if time.monotonic() - t1 > max_seconds:
+            raise TimeoutError(f"rollout not done in {max_seconds} s: {state['counts']}")
+        time.sleep(0.5)
+    return state, fanout
+
+
 # ---------------------------------------------------------------- one layout
 
 
@@ -297,7 +347,7 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
     result["backend"] = "sqlite" if backend == "sqlite" else "postgresql"
     try:
         for i in range(count):
-            nodes.append(Node(folder, f"node{i + 1}", url))
+            nodes.append(Node(folder, f"node{i + 1}", url, args.node_timeout))
             wait(f"node{i + 1} ready", nodes[-1].ready, 60)  # one at a time: the first makes the schema
         api = nodes[0].client
         api.post("/products", {"productKey": PK, "name": "bench fleet"})
@@ -320,23 +370,26 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
             sims.append(_spawn(f"sim{i}", argv, folder / f"sim{i}.log", cwd=REPO))
         per_node: dict[str, int] = {}
 
-        def connected() -> bool:
+        def connected() -> int:
             for s in sims:
                 if not s.alive():
                     raise RuntimeError(f"simulator {s.name} exited:\n{s.tail()}")
             per_node.update({n.name: int(health(n)["devicesConnected"]) for n in nodes})
-            return sum(per_node.values()) >= args.devices
+            return sum(per_node.values())
 
-        wait("storm", connected, args.max_seconds, every=0.1)
+        # Every device, or as many as come: a count that has not grown for STUCK seconds is final
+        # (devices a node lost under overload and that never came back are recorded, not waited for).
+        live = until_all("storm", connected, args.devices, args.max_seconds, every=0.1)
         storm = time.monotonic() - t0
-        log(f"{layout}: storm {storm:.1f} s")
+        log(f"{layout}: storm {storm:.1f} s ({live} connected)")
 
-        def reported() -> bool:
-            return bool(api.get(f"/products/{PK}/devices", version="1.0.0", limit=1)["total"] >= args.devices)
+        def reported() -> int:
+            return int(api.get(f"/products/{PK}/devices", version="1.0.0", limit=1)["total"])
 
-        wait("versions reported", reported, args.max_seconds)
+        told = until_all("versions reported", reported, args.devices, args.max_seconds)
         versions = time.monotonic() - t0
         result["storm"] = {"seconds": round(storm, 2), "versionsReportedSeconds": round(versions, 2)}
+        result["storm"]["connected"], result["storm"]["versionsReported"] = live, told
         result["storm"]["cpuSeconds"] = meter.stop()
         time.sleep(5)  # the storm's garbage settled before the reading of memory
         rss1 = {n.name: n.proc.rss() for n in nodes}
@@ -354,19 +407,13 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
         if url:
             time.sleep(11)  # idle backends flush their statistics within 10 s (PGSTAT_IDLE_INTERVAL)
             db0 = pg_stats(url)
+        # What the job engine sees: it pushes only to devices the database shows online.
+        result["storm"]["onlineInDatabase"] = int(api.get(f"/products/{PK}/devices", online="true", limit=1)["total"])
+        missing = args.devices - told
         meter = Meter(nodes, sims, pg_pid)
         t1 = time.monotonic()
         job = api.post("/jobs", {"firmwareId": fw["id"], "name": "bench", "scope": {"versionNumbers": ["1.0.0"]}})
-        fanout = None
-        while True:
-            state = api.get(f"/jobs/{job['id']}")
-            if fanout is None and state["counts"]["pending"] == 0:
-                fanout = time.monotonic() - t1
-            if state["status"] not in ("running", "scheduled"):
-                break
-            if time.monotonic() - t1 > args.max_seconds:
-                raise TimeoutError(f"rollout not done in {args.max_seconds} s: {state['counts']}")
-            time.sleep(0.5)
+        state, fanout = watch_rollout(api, job["id"], missing, t1, args.max_seconds)
         rollout = time.monotonic() - t1
         cpu = meter.stop()
         rss2 = {n.name: n.proc.rss() for n in nodes}
@@ -424,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--connect-concurrency", type=int, default=200, help="logins in flight per simulator [200]")
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of each phase [900]")
+    p.add_argument("--node-timeout", type=float, help="the nodes' --node-timeout, seconds [the server's, 15]")
     p.add_argument("--json", default=str(REPO / "bench" / "cluster-results.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, data dirs)")
     args = p.parse_args(argv)
@@ -445,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": args.devices,
         "imageKiB": args.image_kb,
         "sims": args.sims,
+        "nodeTimeout": args.node_timeout,
         "results": [],
     }
     failed = 0
