@@ -335,7 +335,10 @@ def watch_rollout(api: Client, job_id: str, missing: int, t1: float, max_seconds
 # ---------------------------------------------------------------- one layout
 
 
-def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, Any] | None) -> dict[str, Any]:
+def run_layout(
+    layout: str, args: argparse.Namespace, work: Path, pg: dict[str, Any] | None, result: dict[str, Any]
+) -> dict[str, Any]:
+    """Fills `result` as it goes (a failed layout keeps what was measured before it failed)."""
     backend, count = layout_nodes(layout)
     folder = work / layout
     folder.mkdir()
@@ -343,7 +346,7 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
     pg_pid = int((Path(pg["dir"]) / "data" / "postmaster.pid").read_text().split()[0]) if url and pg else None
     nodes: list[Node] = []
     sims: list[Proc] = []
-    result: dict[str, Any] = {"layout": layout, "nodes": count, "devices": args.devices, "sims": args.sims}
+    result.update({"layout": layout, "nodes": count, "devices": args.devices, "sims": args.sims})
     result["backend"] = "sqlite" if backend == "sqlite" else "postgresql"
     try:
         for i in range(count):
@@ -412,7 +415,10 @@ def run_layout(layout: str, args: argparse.Namespace, work: Path, pg: dict[str, 
         missing = args.devices - told
         meter = Meter(nodes, sims, pg_pid)
         t1 = time.monotonic()
-        job = api.post("/jobs", {"firmwareId": fw["id"], "name": "bench", "scope": {"versionNumbers": ["1.0.0"]}})
+        spec: dict[str, Any] = {"firmwareId": fw["id"], "name": "bench", "scope": {"versionNumbers": ["1.0.0"]}}
+        if args.max_concurrency:
+            spec["maxConcurrency"] = args.max_concurrency
+        job = api.post("/jobs", spec)
         state, fanout = watch_rollout(api, job["id"], missing, t1, args.max_seconds)
         rollout = time.monotonic() - t1
         cpu = meter.stop()
@@ -471,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--connect-concurrency", type=int, default=200, help="logins in flight per simulator [200]")
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of each phase [900]")
+    p.add_argument("--max-concurrency", type=int, help="the job's maxConcurrency (upgrades in flight) [none]")
     p.add_argument("--node-timeout", type=float, help="the nodes' --node-timeout, seconds [the server's, 15]")
     p.add_argument("--json", default=str(REPO / "bench" / "cluster-results.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, data dirs)")
@@ -494,17 +501,20 @@ def main(argv: list[str] | None = None) -> int:
         "imageKiB": args.image_kb,
         "sims": args.sims,
         "nodeTimeout": args.node_timeout,
+        "maxConcurrency": args.max_concurrency,
         "results": [],
     }
     failed = 0
     try:
         for layout in layouts:
+            result: dict[str, Any] = {"layout": layout}
+            out["results"].append(result)
             try:
-                out["results"].append(run_layout(layout, args, work, pg))
+                run_layout(layout, args, work, pg, result)
             except Exception as exc:  # the next layouts still run; the JSON tells what broke
                 failed += 1
                 log(f"{layout}: FAILED: {exc!r}")
-                out["results"].append({"layout": layout, "error": repr(exc)})
+                result["error"] = repr(exc)
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     finally:
         if pg:
