@@ -184,7 +184,7 @@ async def test_a_copied_install_moves_into_postgresql_and_s3(
             async with http.get(params["fileUrl"]) as resp:
                 assert resp.status == 200 and await resp.read() == image
             await d1.close()
-        assert await node.store._all("SELECT sha256 FROM file_chunks") == []  # the files are in S3 only
+            assert await moved.store._all("SELECT sha256 FROM file_chunks") == []  # the files are in S3 only
     finally:
         await stop_within(node)
 
