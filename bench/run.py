@@ -2,6 +2,7 @@
 
     python -m bench [--devices N | --quick] [--only storm,rss,push,progress,rollout,download,rtt]
                     [--skip-reference] [--json PATH] [--profile DIR] [--max-minutes M] [--keep]
+                    [--progress-reports K]
 
 The entry point: parses the arguments, sets up the run (open-file limit, work dir, time budget,
 SIGTERM as Ctrl-C), runs otabox's figures (bench/figures.py) and then the references
@@ -42,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tls-clients", type=int, default=2, metavar="K", help="processes the TLS storms' devices connect from [2]"
     )
+    p.add_argument(
+        "--progress-reports",
+        type=int,
+        default=5,
+        metavar="K",
+        help="progress reports per device in the progress figure [5]; e.g. --only progress --progress-reports 20",
+    )
     p.add_argument("--profile", metavar="DIR", help="record the server with py-spy per phase into DIR (raw + .top)")
     p.add_argument("--server-log-level", default="INFO", help="otabox --log-level [INFO, its default]")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data dir, logs)")
@@ -60,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_minutes = 4.0 if args.quick else 20.0
     if args.devices < 1:
         p.error("--devices must be at least 1")
+    if args.progress_reports < 1:
+        p.error("--progress-reports must be at least 1")
     return args
 
 
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     nofile = raise_nofile()
     plan = Plan.make(args.devices, args.quick)
+    plan.progress_reports = args.progress_reports
     if nofile < plan.devices + 500:
         print(f"bench: warning: open-file limit {nofile} is low for {plan.devices} devices", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="otabox-bench-"))
