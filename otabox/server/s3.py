@@ -117,18 +117,10 @@ class Bucket:
             raise StorageUnavailable(f"firmware storage {self.where}: the bucket {self.url.bucket!r} does not exist")
 
     async def has(self, sha256: str) -> bool:
-        from minio.error import S3Error
-
-        def stat() -> bool:
-            try:
-                self._client.stat_object(self.url.bucket, self.url.key(sha256))
-                return True
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    return False
-                raise
-
-        return await self._call(f"looking up {sha256[:12]}", stat)
+        key = self.url.key(sha256)
+        return await self._call(
+            f"looking up {sha256[:12]}", lambda: _found(self._client.stat_object, self.url.bucket, key)
+        )
 
     async def put(self, sha256: str, path: Path) -> None:
         """The file at `path` as the object of `sha256`; multipart past one part."""
@@ -146,18 +138,9 @@ class Bucket:
 
     async def fetch(self, sha256: str, dest: Path) -> bool:
         """The object of `sha256` into the file `dest`; False when there is no such object."""
-        from minio.error import S3Error
-
-        def download() -> bool:
-            try:
-                self._client.fget_object(self.url.bucket, self.url.key(sha256), str(dest))
-                return True
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    return False
-                raise
-
-        return await self._call(f"fetching {sha256[:12]}", download)
+        key = self.url.key(sha256)
+        get = self._client.fget_object
+        return await self._call(f"fetching {sha256[:12]}", lambda: _found(get, self.url.bucket, key, str(dest)))
 
     async def delete(self, sha256: str) -> None:
         await self._call(
@@ -180,6 +163,19 @@ class Bucket:
                 self.url.bucket, self.url.key(sha256), expires=lifetime, response_headers=headers
             )
         )
+
+
+def _found(call: Callable[..., object], *args: str) -> bool:
+    """`call(*args)`; False when the storage answers that there is no such object."""
+    from minio.error import S3Error
+
+    try:
+        call(*args)
+        return True
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+            return False
+        raise
 
 
 def _reason(exc: BaseException) -> str:
