@@ -182,6 +182,7 @@ async def test_start_refuses_bad_storage_settings(tmp_path: Path, s3_server: S3)
         ("http://bucket/x", "expected s3://"),
         ("s3://bucket/x?endpoint=ftp://h:1", "must be http"),
         ("s3://bucket/x?endpoint=http://h:1&color=red", "unknown parameter 'color'"),
+        ("s3://Bad_Bucket/x", "not a bucket name"),
     ):
         with pytest.raises(SettingsError, match=message):
             load(env={"OTABOX_STORAGE_URL": bad})

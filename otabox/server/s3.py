@@ -29,6 +29,7 @@ PART_SIZE = 16 * 1024 * 1024
 # The longest lifetime SigV4 allows a presigned URL (7 days).
 PRESIGN_MAX_SECONDS = 7 * 24 * 3600
 TIMEOUT = 30.0  # seconds to connect or to wait for one read from the storage
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 SAFE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,200}")
 
 
@@ -58,6 +59,10 @@ class BucketUrl:
         where = urlsplit(endpoint)
         if where.scheme not in ("http", "https") or not where.netloc or where.path not in ("", "/"):
             raise StorageConfigError(f"storage URL {url!r}: endpoint {endpoint!r} must be http(s)://host[:port]")
+        if not BUCKET_NAME.fullmatch(parts.netloc):
+            raise StorageConfigError(
+                f"storage URL {url!r}: {parts.netloc!r} is not a bucket name (3-63 of a-z 0-9 . -)"
+            )
         region = query.get("region", [env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"])[-1]
         return cls(parts.netloc, parts.path.strip("/"), where.netloc, where.scheme == "https", region)
 
