@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,36 @@ async def test_a_copied_install_moves_into_postgresql_and_s3(
             assert await moved.store._all("SELECT sha256 FROM file_chunks") == []  # the files are in S3 only
     finally:
         await stop_within(node)
+
+
+async def test_a_storage_that_is_down_leaves_the_copy_to_the_first_node(
+    server: Server, postgres_url: str, s3_server: S3, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    await server.product("pk1")
+    fw = await server.firmware("pk1", "2.0", b"firmware 2.0 " * 1000)
+    await server.app.stop()
+    capsys.readouterr()
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"s3://{s3_server.bucket}/down?endpoint=http://127.0.0.1:{s.getsockname()[1]}"
+    argv = ["db", "copy", "--from", str(server.data_dir), "--to", postgres_url, "--storage-url", dead]
+    assert await asyncio.to_thread(main, argv) == 1
+    err = capsys.readouterr().err
+    assert "storage-unavailable" not in err and "firmware storage" in err
+    assert "the database is copied and checked" in err and "start the first node on this data dir" in err
+
+    prefix = f"after-{os.getpid()}"
+    storage = f"s3://{s3_server.bucket}/{prefix}?endpoint={s3_server.endpoint}"
+    settings = Settings(data_dir=str(server.data_dir), host="127.0.0.1", http_port=0, mqtt_port=0)
+    node = App(
+        settings.replace(database_url=postgres_url, storage_url=storage),
+        env={"OTABOX_ADMIN_TOKEN": TOKEN, **s3_server.env},
+    )
+    await node.start()
+    await stop_within(node)
+    assert s3_server.sha256_of(s3_server.key(fw["sha256"], prefix)) == fw["sha256"]
 
 
 def test_storage_url_needs_a_data_dir(tmp_path: Path, capsys: Any) -> None:

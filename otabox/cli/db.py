@@ -24,7 +24,7 @@ def _source(text: str) -> tuple[Path, Path | None]:
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
-    # Imported here: the store (aiosqlite, asyncpg) is loaded by this command only.
+    # Imported here: the store (aiosqlite, asyncpg) and the S3 SDK are loaded by this command only.
     from otabox.errors import StorageUnavailable
     from otabox.server.app import DataDirLocked, lock_data_dir
     from otabox.server.s3 import BucketUrl, StorageConfigError
@@ -55,7 +55,16 @@ def cmd_copy(args: argparse.Namespace) -> int:
             lock = lock_data_dir(data_dir)  # no server may write while its database moves
         copied = asyncio.run(copy_database(db, args.to, progress))
         if data_dir is not None:
-            files = asyncio.run(_move_files(data_dir, args.to, args.storage_url, None if args.json else _file_progress))
+            try:
+                files = asyncio.run(
+                    _move_files(data_dir, args.to, args.storage_url, _file_progress if progress else None)
+                )
+            except (CopyError, OSError, ConnectionError, StorageUnavailable, StorageConfigError) as exc:
+                # The rows are in (and checked); a node started on this data dir shares what is missing.
+                raise CopyError(
+                    f"{exc}\nthe database is copied and checked, the keys and files are not all moved: start the"
+                    " first node on this data dir (with the same --storage-url): it puts them there at start"
+                ) from exc
     except (CopyError, DataDirLocked, OSError, ConnectionError, StorageUnavailable, StorageConfigError) as exc:
         print(f"{'' if progress is None else chr(10)}otabox db copy: {exc}", file=sys.stderr)
         return 1
@@ -79,9 +88,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
         mib = files["bytes"] / 2**20
         print(f"copied {files['count']} firmware file(s), {mib:.1f} MiB, into {files['where']}; each read back and")
         print("checked (SHA-256); the server key and CA of the data dir are the cluster's now:")
-        print(
-            "nodes may start on new, empty data dirs" + (" with the same --storage-url." if args.storage_url else ".")
-        )
+        same = " with the same --storage-url." if args.storage_url else "."
+        print(f"nodes may start on new, empty data dirs{same}")
     return 0
 
 
@@ -112,7 +120,7 @@ async def _move_files(
         if missing:
             raise CopyError(
                 f"{len(missing)} firmware file(s) the database refers to are not in {data_dir / 'firmware'}"
-                f" (first: {missing[0]}); the database is copied, the files are not"
+                f" (first: {missing[0]})"
             )
         size = 0
         for i, sha in enumerate(digests, 1):
