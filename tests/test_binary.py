@@ -23,6 +23,7 @@ import pytest
 
 from otabox import __version__, delta, protocol
 from tests.conftest import TOKEN, Device, Server, wait_for
+from tests.s3 import S3
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "dist" / "otabox"
@@ -160,12 +161,15 @@ async def run(binary: Path, *args: str, cwd: Path, env: dict[str, str]) -> tuple
 
 
 async def test_binary_serves_a_device_end_to_end(
-    binary: Path, bare_env: dict[str, str], tmp_path: Path, say: Say, record_property: Any
+    binary: Path, bare_env: dict[str, str], tmp_path: Path, say: Say, record_property: Any, s3_server: S3
 ) -> None:
     site = tmp_path / "site"  # the working directory: the default data dir is relative to it
     site.mkdir()
-    env = {**bare_env, "OTABOX_ADMIN_TOKEN": TOKEN}
+    env = {**bare_env, "OTABOX_ADMIN_TOKEN": TOKEN, **s3_server.env}
     args = ["serve", "--host", "127.0.0.1", "--http-port", "0", "--mqtt-port", "0", "--scheduler-interval", "0.1"]
+    # Firmware in S3: the SDK, imported on first use only, must be in the binary too.
+    prefix = f"binary-{os.getpid()}"
+    args += ["--storage-url", f"s3://{s3_server.bucket}/{prefix}?endpoint={s3_server.endpoint}"]
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         t0 = time.monotonic()
@@ -212,6 +216,7 @@ async def test_binary_serves_a_device_end_to_end(
             before = content[:-300] + bytes(300)
             await server.firmware("pk1", "1.0.0", before, name="main")
             fw = await server.firmware("pk1", "2.0.0", content, name="main")
+            assert s3_server.sha256_of(s3_server.key(fw["sha256"], prefix)) == fw["sha256"]
 
             # The delta 1.0.0 -> 2.0.0 is made by the binary's own `delta make` child process.
             async def delta_made() -> Any:
