@@ -236,6 +236,40 @@ async def test_timeout_of_silent_device(server: Server, fw: dict[str, Any]) -> N
     await slow.close()
 
 
+async def test_progress_after_an_operator_cancel_or_retry(server: Server, fw: dict[str, Any]) -> None:
+    """A report is decided on the task as stored when it is written: a task canceled through the
+    API between two reports refuses the next one (nothing written), and once retried and pushed
+    again it reports afresh in its new attempt."""
+    devs = await fleet(server, {"d1": "1.0", "d2": "1.0"})
+    d1, d2 = await devs["d1"].connect("1.0"), await devs["d2"].connect("1.0")
+    j = await job(server, fw)
+    await d1.push()
+    await d2.push()
+    for step in ("10", "40"):
+        assert (await d1.call(protocol.PROGRESS, {"step": step}))["code"] == 200
+    assert (await task(server, j["id"], "d1"))["status"] == "upgrading"
+    canceled = await server.call("POST", f"/jobs/{j['id']}/tasks:cancel", 200, json={"deviceKeys": ["d1"]})
+    assert canceled["updated"] == 1
+    reply = await d1.call(protocol.PROGRESS, {"step": "50", "desc": "late"})
+    assert (reply["code"], reply["message"]) == (404, "no active upgrade task")
+    t = await task(server, j["id"], "d1")
+    assert (t["status"], t["progress"]) == ("canceled", 40)
+    raw = await server.call("GET", f"/events?jobId={j['id']}", 200)
+    d1_log = [(e["status"], e["kind"], e["step"]) for e in map(json.loads, raw.decode().splitlines())
+              if e["deviceKey"] == "d1"]  # fmt: skip
+    assert d1_log[-3:] == [("upgrading", "state", 10), ("upgrading", "progress", 40), ("canceled", "state", 40)]
+    assert (await d2.call(protocol.PROGRESS, {"step": "20"}))["code"] == 200  # the other task is untouched
+    retried = await server.call("POST", f"/jobs/{j['id']}/tasks:retry", 200, json={"deviceKeys": ["d1"]})
+    assert retried["updated"] == 1
+    await d1.push()
+    assert (await d1.call(protocol.PROGRESS, {"step": "5"}))["code"] == 200
+    t = await task(server, j["id"], "d1")
+    assert (t["status"], t["progress"], t["attempt"]) == ("upgrading", 5, 2)
+    assert (await task(server, j["id"], "d2"))["progress"] == 20
+    await d1.close()
+    await d2.close()
+
+
 async def test_retry_after_device_failure_counts_attempts(server: Server, fw: dict[str, Any]) -> None:
     devs = await fleet(server, {"d1": "1.0"})
     d = await devs["d1"].connect("1.0")

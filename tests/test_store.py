@@ -234,6 +234,59 @@ async def test_a_job_and_its_tasks(store: Store) -> None:
     assert states == {TaskState.SUCCEEDED: 1, TaskState.FAILED: 1, TaskState.PENDING: 4}
 
 
+async def test_a_progress_report_decides_on_the_task_as_it_is_when_written(store: Store) -> None:
+    """`report_progress` reads nothing before its write: one op finds the device's task in the
+    write's own transaction, so a cancel or a retry committed just before is what it sees."""
+    await fleet(store, ["d1", "d2", "d3"])
+    fw = await store.create_firmware(firmware("f1", "2.0"))
+    await store.create_job(job("j1", fw, JobSpec(timeout_seconds=600.0)), [(dk, "1.0", 0) for dk in ("d1", "d2")])
+
+    async def log_of(dk: str) -> list[tuple[str, str, int | None]]:
+        rows = await store._all("SELECT status, kind, step FROM events WHERE device_key = ? ORDER BY seq", (dk,))
+        return [(r["status"], r["kind"], r["step"]) for r in rows]
+
+    assert not await store.report_progress("pk1", "d3", 10, None)  # no task at all
+    assert not await store.report_progress("pk1", "d1", 10, None)  # pending: not in flight
+    assert await log_of("d1") == [("pending", "state", None)]
+    await store.publish_tasks("j1", "pk1", ["d1", "d2"], time.time(), time.time() + 60)
+    before = time.time()
+    # The first report confirms the push: upgrading, the job's timeout from now, a state row.
+    assert await store.report_progress("pk1", "d1", 10, "downloading")
+    t = await store.active_task("pk1", "d1")
+    assert t is not None and t.status == TaskState.UPGRADING and (t.progress, t.step, t.desc) == (10, 10, "downloading")
+    assert t.upgrading_at is not None and t.upgrading_at >= before
+    assert t.due_at == pytest.approx(t.upgrading_at + 600.0)
+    # Later ones keep the highest step (a late lower one does not move it back), each a progress row.
+    assert await store.report_progress("pk1", "d1", 50, "half")
+    assert await store.report_progress("pk1", "d1", 30, None)
+    t = await store.active_task("pk1", "d1")
+    assert t is not None and (t.progress, t.step, t.desc) == (50, 50, None)
+    assert t.due_at == pytest.approx(before + 600, abs=5)  # not restarted by later reports
+    assert await log_of("d1") == [
+        ("pending", "state", None),
+        ("published", "state", None),
+        ("upgrading", "state", 10),
+        ("upgrading", "progress", 50),
+        ("upgrading", "progress", 50),
+    ]
+    # Canceled (e.g. through the API) between two reports: the next one is refused, nothing written.
+    await store.bulk_transition("j1", (TaskState.UPGRADING,), ["d1"], status=TaskState.CANCELED, finished_at=1.0)
+    assert not await store.report_progress("pk1", "d1", 60, None)
+    assert (await log_of("d1"))[-1] == ("canceled", "state", 50)
+    # Retried: a new pending attempt is not in flight either; once pushed again it starts afresh.
+    await store.transition("j1", "pk1", "d2", status=TaskState.FAILED, finished_at=1.0)
+    assert await store.retry_task("j1", "pk1", "d2") == 1
+    assert not await store.report_progress("pk1", "d2", 70, None)
+    await store.publish_tasks("j1", "pk1", ["d2"], time.time(), time.time() + 60)
+    assert await store.report_progress("pk1", "d2", 0, None)
+    t = await store.active_task("pk1", "d2")
+    assert t is not None and (t.status, t.progress, t.attempt) == (TaskState.UPGRADING, 0, 2)
+    e = (await store.recent_events(1, device_key="d2"))[0]
+    assert (e.status, e.kind, e.attempt, e.job_type, e.firmware_id, e.to_version) == (
+        "upgrading", EventKind.STATE, 2, JobType.UPGRADE, "f1", "2.0"
+    )  # fmt: skip
+
+
 async def test_a_device_has_one_active_task(store: Store) -> None:
     await fleet(store, ["d1", "d2"])
     fw = await store.create_firmware(firmware("f1", "2.0"))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from otabox import protocol, rollout
-from otabox.models import IN_FLIGHT, EventKind, Job, JobMode, JobPolicy, JobStatus, JobType, TaskState
+from otabox.models import IN_FLIGHT, Job, JobMode, JobPolicy, JobStatus, JobType, TaskState
 from otabox.server.jobs.engine import JobEngine
 from otabox.server.store import Store
 
@@ -81,41 +81,15 @@ class DeviceReports:
             self.engine.jobs_changed()
 
     async def on_progress(self, product_key: str, device_key: str, step: int, desc: str | None) -> int:
+        if step >= 0:
+            # The common case in one op: no read before the write (the store decides on the
+            # task row inside the write's transaction; see `report_progress`).
+            stored = await self.store.report_progress(product_key, device_key, step, desc)
+            return protocol.CODE_OK if stored else protocol.CODE_NOT_FOUND
         task = await self.store.active_task(product_key, device_key)
         if task is None or task.status not in IN_FLIGHT:
             return protocol.CODE_NOT_FOUND
-        if step < 0:
-            await self.engine.fail(task, step, desc or rollout.step_label(step))
-            return protocol.CODE_OK
-        job = await self.store.get_job(task.job_id)
-        timeout = job.spec.timeout_seconds if job else 7200.0
-        now = time.time()
-        if task.status == TaskState.PUBLISHED:
-            # The first progress report is the device's confirmation; the timeout restarts.
-            await self.store.transition(
-                task.job_id,
-                product_key,
-                device_key,
-                expect=(TaskState.PUBLISHED,),
-                status=TaskState.UPGRADING,
-                upgrading_at=now,
-                due_at=now + timeout,
-                progress=step,
-                step=step,
-                desc=desc,
-            )
-        else:
-            best = max(step, task.progress or 0)
-            await self.store.transition(
-                task.job_id,
-                product_key,
-                device_key,
-                kind=EventKind.PROGRESS,
-                expect=(TaskState.UPGRADING,),
-                progress=best,
-                step=best,
-                desc=desc,
-            )
+        await self.engine.fail(task, step, desc or rollout.step_label(step))
         return protocol.CODE_OK
 
     async def offers(self, product_key: str, device_key: str) -> list[dict[str, Any]]:
