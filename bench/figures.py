@@ -268,7 +268,12 @@ async def otabox_devices(
         async with mon.phase("progress") as ph:
             pr = await clients.calls(
                 pushed,
-                lambda d, i: (protocol.PROGRESS, "ota.device.progress", {"step": str(10 * (i + 1)), "desc": "bench"}),
+                # Steps 10, 20, ... (100 from the tenth on: --progress-reports may ask for more).
+                lambda d, i: (
+                    protocol.PROGRESS,
+                    "ota.device.progress",
+                    {"step": str(min(100, 10 + 10 * i)), "desc": "bench"},
+                ),
                 PK,
                 k,
                 plan.connect_concurrency,
