@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from otabox.server.nodes import FULL_CHECK_EVERY
 from tests.conftest import Device, Server, wait_for
 from tests.test_restart import procs, spawn  # noqa: F401  (procs: the fixture that kills what is left)
 
@@ -42,6 +43,34 @@ async def test_one_node_lists_itself_with_its_devices(server: Server) -> None:
     items = await wait_for(one_device)
     assert [(n["nodeId"], n["status"]) for n in items] == [("solo", "up")]
     assert items[0]["lastHeartbeat"].endswith("Z")
+    await d1.close()
+
+
+async def test_a_slow_node_shows_its_devices_online_again(server: Server) -> None:
+    """Another node found this one's heartbeat late and showed its devices offline (the UPDATE
+    below is that node's); the next heartbeat shows them as they are, online, and shows offline
+    a device the database wrongly has here."""
+    secret = (await server.device("d1"))["deviceSecret"]
+    await server.device("ghost")
+    d1 = await Device(server, "pk1", "d1", secret).connect("1.0")
+
+    async def shown(dk: str, online: bool) -> bool:
+        return bool((await server.call("GET", f"/products/pk1/devices/{dk}", 200))["online"] is online)
+
+    assert await wait_for(lambda: shown("d1", True))
+    await server.store._write("UPDATE devices SET online = 0, node_id = NULL WHERE device_key = 'd1'")
+    await server.store._write("UPDATE devices SET online = 1, node_id = 'solo' WHERE device_key = 'ghost'")
+    assert await shown("d1", False) and await shown("ghost", True)
+    # Equal counts (one wrongly offline, one wrongly online): found by the full comparison.
+    every = HEARTBEAT * FULL_CHECK_EVERY
+    assert await wait_for(lambda: shown("d1", True), timeout=every + 3)
+    assert await shown("ghost", False)
+    await server.store._write("UPDATE devices SET online = 0, node_id = NULL WHERE device_key = 'd1'")
+    assert await wait_for(lambda: shown("d1", True), timeout=HEARTBEAT + 3)  # the counts differ: at once
+    # A push reaches it again: it is pending for an online device.
+    fw = await server.firmware("pk1", "2.0", b"x" * 1000)
+    await server.call("POST", "/jobs", 201, json={"firmwareId": fw["id"], "scope": {"deviceKeys": ["d1"]}})
+    assert (await d1.push())["version"] == "2.0"
     await d1.close()
 
 

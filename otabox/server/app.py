@@ -172,6 +172,7 @@ class App:
         reports = DeviceReports(engine, store)
         limiter = LoginLimiter(s.login_fail_limit, s.login_fail_window)
         gateway = self.gateway = DeviceGateway(store, keys, limiter, reports, outbox, s.last_seen_interval)
+        nodes.presence = gateway
         self.broker = OtaBroker(
             gateway,
             outbox,

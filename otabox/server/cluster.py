@@ -36,7 +36,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -53,10 +53,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CHANNEL = "otabox_cluster"
 # Key of the advisory lock the leader holds (the schema lock is 0x07AB0C5).
 LEADER_LOCK = 0x07AB0C6
 LEADER_POLL = 1.0  # seconds between a follower's tries of the lock, and the leader's health checks
+# How long the leader waits for the database to answer its health check before it steps down. Not
+# a safety bound (a session that was ended fails at once): a node whose event loop lags for seconds
+# under load (a connect storm) must not give up the leadership for a slow answer.
+ANSWER_TIMEOUT = 5.0
 # PostgreSQL's limit for a NOTIFY payload is 8000 bytes; room for the envelope.
 PAYLOAD_MAX = 7800
 # Messages kept while the database connection is down, at most (then the oldest are dropped).
@@ -230,7 +236,24 @@ class PostgresCluster:
         async with self._using:
             if self._conn is None:
                 raise ConnectionError("no database connection")
-            return await self._conn.fetchval(sql, *args)
+            return await self._guarded(self._conn.fetchval(sql, *args))
+
+    async def _guarded(self, call: Awaitable[T]) -> T:
+        """`call` on the connection; interrupted (a timeout, a stop), the connection is closed.
+
+        asyncpg leaves a connection whose operation was cancelled busy until the server has
+        answered the cancel; the next user would fail with "another operation is in progress"
+        and drop the leadership. A new connection is made by the leadership loop.
+        """
+        try:
+            return await call
+        except asyncpg.PostgresError:
+            raise  # the server answered: the connection is fine
+        except BaseException:
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            raise
 
     async def _try_lead(self) -> None:
         if await self._fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
@@ -252,7 +275,7 @@ class PostgresCluster:
                     await self._connect()
                 if self.leader:
                     # Proof the lock is still ours: the connection that holds it answers.
-                    async with asyncio.timeout(LEADER_POLL * 2):
+                    async with asyncio.timeout(ANSWER_TIMEOUT):
                         await self._fetchval("SELECT 1")
                 else:
                     await self._try_lead()
@@ -294,7 +317,7 @@ class PostgresCluster:
         if not self.leader:
             return False
         try:
-            async with asyncio.timeout(LEADER_POLL * 2):
+            async with asyncio.timeout(ANSWER_TIMEOUT):
                 await self._fetchval("SELECT 1")
             return True
         except Exception as exc:
@@ -357,7 +380,8 @@ class PostgresCluster:
                 async with self._using:
                     if self._conn is None:
                         raise ConnectionError("no database connection")
-                    await self._conn.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads])
+                    notify = self._conn.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads])
+                    await self._guarded(notify)
                 self.messages_out += len(queue)
             except Exception as exc:
                 # Kept, in order, until the connection is back (the leadership loop reconnects):

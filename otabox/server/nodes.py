@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from typing import Protocol
 
 from otabox.models import NodeState
 from otabox.server.mqtt.outbox import Outbox
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # kv key naming the node that took the leadership last (otabox.server.cluster writes it).
 LEADER_KEY = "leader_node"
+# Heartbeats between two comparisons of this node's devices, one by one, with the database's.
+FULL_CHECK_EVERY = 10
 
 
 def default_node_id(mqtt_port: int) -> str:
@@ -35,12 +38,21 @@ def default_node_id(mqtt_port: int) -> str:
     return f"{host}:{mqtt_port}" if mqtt_port > 0 else f"{host}:pid{os.getpid()}"
 
 
+class Presence(Protocol):
+    def online_here(self) -> set[tuple[str, str]]:
+        """The devices connected to this node and online (not provisioning sessions)."""
+
+
 class NodeService:
     """The heartbeat loop of this node and the list of nodes (`GET /api/v1/nodes`)."""
 
     def __init__(self, store: Store, outbox: Outbox, heartbeat: float, timeout: float) -> None:
         self.store = store
         self.outbox = outbox
+        # The device gateway, once made (it comes after the first heartbeat): what `beat`
+        # compares the database's presence with.
+        self.presence: Presence | None = None
+        self._beats = 0
         self.node_id = store.node_id
         self.heartbeat = heartbeat
         self.timeout = timeout
@@ -70,6 +82,29 @@ class NodeService:
         found = await self.store.mark_silent_nodes_offline(now - self.timeout)
         if found:
             log.warning("%d device(s) of a node silent for %.0f s shown offline", found, self.timeout)
+        if self.presence is not None:
+            await self._correct_presence(self.presence)
+
+    async def _correct_presence(self, presence: Presence) -> None:
+        """Show this node's devices as they are: a node only slow (its heartbeat late under load)
+        had its devices shown offline by another, and nothing else would show them online again
+        until they reconnect; a push only goes to devices shown online."""
+        self._beats += 1
+        here = presence.online_here()
+        # Every heartbeat the counts; every FULL_CHECK_EVERY-th the sets (equal counts can hide a
+        # device wrongly online and another wrongly offline).
+        if self._beats % FULL_CHECK_EVERY and await self.store.count_online_on(self.node_id) == len(here):
+            return
+        shown = await self.store.online_on(self.node_id)
+        here = presence.online_here()  # the same moment as `shown`, as near as it gets
+        online, offline = sorted(here - shown), sorted(shown - here)
+        if online or offline:
+            await self.store.correct_presence(self.node_id, online, offline)
+            log.warning(
+                "presence corrected: %d connected device(s) shown online again, %d gone shown offline",
+                len(online),
+                len(offline),
+            )
 
     async def _run(self) -> None:
         while True:

@@ -85,6 +85,7 @@ class DeviceGateway:
         self.sender = sender
         self.last_seen_interval = last_seen_interval
         self._last_seen: dict[tuple[str, str], float] = {}
+        self._online: set[tuple[str, str]] = set()  # connected here and shown online (not provisioning)
         self._secrets: dict[tuple[str, str], KnownDevice] = {}
         # Devices just logged in with the product secret, owed their device secret once served.
         self._activating: set[tuple[str, str]] = set()
@@ -246,12 +247,18 @@ class DeviceGateway:
             self._send_activation(product_key, device_key)
             log.info("device %s/%s connected to be activated", product_key, device_key)
             return
+        self._online.add((product_key, device_key))
         await self.store.set_device_online(product_key, device_key, True)
         log.info("device %s/%s online", product_key, device_key)
         await self.jobs.on_connected(product_key, device_key)
 
+    def online_here(self) -> set[tuple[str, str]]:
+        """The devices connected to this node and shown online (implements `nodes.Presence`)."""
+        return set(self._online)
+
     async def device_disconnected(self, product_key: str, device_key: str) -> None:
         self._last_seen.pop((product_key, device_key), None)
+        self._online.discard((product_key, device_key))
         await self.store.set_device_online(product_key, device_key, False)
         log.info("device %s/%s offline", product_key, device_key)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from otabox.server.store.base import StoreBase
+from otabox.server.store.base import StoreBase, Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +51,34 @@ class NodeSQL(StoreBase):
             " (SELECT node_id FROM nodes WHERE heartbeat_at < ?)",
             (silent_since,),
         )
+
+    async def online_on(self, node_id: str) -> set[tuple[str, str]]:
+        """The devices the database shows online on this node."""
+        found = await self._all(
+            "SELECT product_key, device_key FROM devices WHERE node_id = ? AND online = 1", (node_id,)
+        )
+        return {(r["product_key"], r["device_key"]) for r in found}
+
+    async def count_online_on(self, node_id: str) -> int:
+        row = await self._one("SELECT COUNT(*) AS n FROM devices WHERE node_id = ? AND online = 1", (node_id,))
+        return int(row["n"]) if row else 0
+
+    async def correct_presence(
+        self, node_id: str, online: list[tuple[str, str]], offline: list[tuple[str, str]]
+    ) -> None:
+        """In one transaction: `online` shown online on this node, `offline` offline if still shown here."""
+
+        async def op(tx: Tx) -> None:
+            if online:
+                await tx.executemany(
+                    "UPDATE devices SET online = 1, node_id = ? WHERE product_key = ? AND device_key = ?",
+                    [(node_id, pk, dk) for pk, dk in online],
+                )
+            if offline:
+                await tx.executemany(
+                    "UPDATE devices SET online = 0, node_id = NULL WHERE product_key = ? AND device_key = ?"
+                    " AND node_id = ?",
+                    [(pk, dk, node_id) for pk, dk in offline],
+                )
+
+        await self.batched(op)
