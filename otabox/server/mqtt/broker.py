@@ -66,7 +66,7 @@ from amqtt.mqtt.publish import PublishVariableHeader
 from amqtt.session import Session
 
 from otabox import protocol
-from otabox.server.mqtt.connection import Closed, Handler, release_socket
+from otabox.server.mqtt.connection import Closed, Handler, LightSession, release_socket
 from otabox.server.mqtt.outbox import Outbox, publish, session_key
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,9 @@ class OtaBroker(Broker):
         self.messages_in = 0
         self._identity: dict[str, tuple[str, str]] = {}  # session key -> (pk, dk)
         self._session_filters: dict[str, dict[str, int]] = {}  # session key -> {filter: qos}
-        self._served: dict[str, asyncio.Future[None]] = {}  # session key -> end of its connection
+        # session key -> the task serving its connection (stock kept no such index; a task, not a
+        # future of its own: one object less per connection)
+        self._served: dict[str, asyncio.Future[Any]] = {}
         self._closing = False
 
     async def _create_server_instance(
@@ -303,6 +305,9 @@ class OtaBroker(Broker):
         result = await self.hooks.authenticate(
             incoming.client_id, incoming.username, incoming.password, address, certificate
         )
+        # Not kept once checked (stock kept it in the session for the connection's life): a
+        # credential in memory, and ~100 bytes of it per connection.
+        incoming.password = None
         if result.refuse_code:
             self.logins_refused += 1
             # Refused before any session is touched: a live session with this id is unaffected.
@@ -322,7 +327,8 @@ class OtaBroker(Broker):
         handler.certificate = result.certificate
         self._sessions[key] = (session, handler)
         self._identity[key] = (pk, dk)
-        served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        served = asyncio.current_task()
+        assert served is not None
         self._served[key] = served
         try:
             await handler.mqtt_connack_authorize(True)
@@ -339,8 +345,6 @@ class OtaBroker(Broker):
                 await self._stop_handler(handler)
                 session.transitions.disconnect()
                 await self._call_hook(self.hooks.device_disconnected(pk, dk))
-            if not served.done():
-                served.set_result(None)
             if self._served.get(key) is served:
                 del self._served[key]
 
@@ -377,6 +381,13 @@ class OtaBroker(Broker):
             self._forget_session(key, old)
         incoming.parent = 0
         return incoming
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # Stock reads session.retained_messages on every CONNECT (a debug line sizes it), which
+        # would make the queue LightSession only makes when something is put in it.
+        if isinstance(session, LightSession) and not session.has_retained():
+            return
+        await super()._publish_session_retained_messages(session)
 
     def _forget_session(self, key: str, session: Session) -> None:
         self._sessions.pop(key, None)

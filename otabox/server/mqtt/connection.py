@@ -6,18 +6,25 @@ Stock amqtt 0.12.1 spends most of a connection's cost here: every Session builds
 (a new task per packet on Python 3.11) and spawns another task per packet, and the
 broker keeps four waiter tasks per client for disconnect / subscribe / unsubscribe /
 deliver. Here one task per connection reads packets and handles them inline; everything
-the broker must act on (messages, SUBSCRIBE, UNSUBSCRIBE, disconnect) goes into one queue
+the broker must act on (messages, SUBSCRIBE, UNSUBSCRIBE, disconnect) goes into one inbox
 that the connection's own task consumes in order.
+
+Memory (bench/connection_memory.py, bench/RESULTS.md "Per-connection memory"): an idle device
+held five asyncio Queues (two in its Session, two in BrokerProtocolHandler, our inbox) and two
+more Events, each Queue three deques and an Event, each Event a deque: 19 deques of ~380 bytes,
+half of a connection's ~38 KB of Python heap, for queues that otabox never fills. The session
+and handler below create none of them; the inbox is a deque made only while items wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
-from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, WriterAdapter
+from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
@@ -48,6 +55,8 @@ from amqtt.plugins.manager import PluginManager
 from amqtt.session import Session
 
 log = logging.getLogger(__name__)
+# The logger amqtt's handler code writes to (its debug lines), shared by every connection.
+_AMQTT_HANDLER_LOG = logging.getLogger("amqtt.mqtt.protocol.handler")
 
 MQTT_3_1_1 = 4
 
@@ -97,10 +106,159 @@ class _States:
 
 
 class LightSession(Session):
-    """An amqtt Session without the state-machine library (same attributes and states)."""
+    """An amqtt Session without the state-machine library or its two queues (same attributes and states)."""
+
+    # Slots, not an instance dict: amqtt's 30 attributes plus `transitions` are one more than
+    # CPython 3.11 shares between instances' dicts, so each session had a dict of its own.
+    __slots__ = (
+        "_delivered",
+        "_packet_id",
+        "_retained",
+        "attributes",
+        "broker_uri",
+        "cadata",
+        "cafile",
+        "capath",
+        "clean_session",
+        "client_id",
+        "inflight_in",
+        "inflight_out",
+        "is_anonymous",
+        "keep_alive",
+        "last_connect_time",
+        "last_disconnect_time",
+        "parent",
+        "password",
+        "publish_retry_delay",
+        "remote_address",
+        "remote_port",
+        "ssl_object",
+        "transitions",
+        "username",
+        "will_flag",
+        "will_message",
+        "will_qos",
+        "will_retain",
+        "will_topic",
+    )
+
+    def __init__(self) -> None:
+        # Replaces Session.__init__, which also built two asyncio Queues per session (~6.5 KB):
+        # `retained_messages` (filled only by stock broadcasts to offline sessions, which otabox
+        # never makes) and `delivered_message_queue` (replaced by the handler's inbox on attach).
+        # Both are made on first use instead (the properties below). Same attributes, same values.
+        self._init_states()
+        self.remote_address: str | None = None
+        self.remote_port: int | None = None
+        self.client_id: str | None = None
+        self.clean_session: bool | None = None
+        self.will_flag: bool = False
+        self.will_message: bytes | bytearray | None = None
+        self.will_qos: int | None = None
+        self.will_retain: bool | None = None
+        self.will_topic: str | None = None
+        self.keep_alive: int = 0
+        self.publish_retry_delay: int = 0
+        self.broker_uri: str | None = None
+        self.username: str | None = None
+        self.password: str | None = None
+        self.cafile: str | None = None
+        self.capath: str | None = None
+        self.cadata: bytes | None = None
+        self._packet_id: int = 0
+        self.parent: int = 0
+        self.last_connect_time: int | None = None
+        self.ssl_object: Any = None
+        self.last_disconnect_time: int | None = None
+        self.attributes: dict[str, Any] = {}
+        self.inflight_out: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.inflight_in: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._retained: asyncio.Queue[Any] | None = None
+        self._delivered: Any = None
+        self.is_anonymous: bool = False
 
     def _init_states(self) -> None:
         self.transitions = _States(self)
+
+    @property
+    def retained_messages(self) -> asyncio.Queue[Any]:
+        if self._retained is None:
+            self._retained = asyncio.Queue()
+        return self._retained
+
+    @retained_messages.setter
+    def retained_messages(self, queue: asyncio.Queue[Any]) -> None:
+        self._retained = queue
+
+    def has_retained(self) -> bool:
+        """Whether anything waits in `retained_messages` (without making the queue)."""
+        return self._retained is not None and not self._retained.empty()
+
+    @property
+    def delivered_message_queue(self) -> Any:
+        if self._delivered is None:
+            self._delivered = Inbox()
+        return self._delivered
+
+    @delivered_message_queue.setter
+    def delivered_message_queue(self, queue: Any) -> None:
+        self._delivered = queue
+
+    def clear_queues(self) -> None:
+        # Stock clear_queues, on the queues that exist (it would make both to empty them).
+        for queue in (self._retained, self._delivered):
+            while queue is not None and not queue.empty():
+                queue.get_nowait()
+
+
+class Inbox:
+    """Replaces the handler's asyncio.Queue: one consumer (the connection's task), unbounded.
+
+    An asyncio.Queue is three deques and an Event (a fourth deque), ~3.3 KB, kept for the whole
+    connection; this is two slots, a deque only while items wait and a future only while the
+    consumer does. The same order (first in, first out) and the calls amqtt makes on the
+    session's `delivered_message_queue` (`put`, `put_nowait`, `get`, `empty`, `get_nowait`, `qsize`).
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.get_nowait()
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an idle connection holds no deque
+        return item
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
 
 
 class Closed:
@@ -113,13 +271,34 @@ class Closed:
 
 
 class Handler(BrokerProtocolHandler):
-    """BrokerProtocolHandler with one reader task, inline dispatch and one inbox queue."""
+    """BrokerProtocolHandler with one reader task, inline dispatch and one inbox."""
 
-    def __init__(self, plugins_manager: PluginManager[Any], max_packet: int, session: Session | None = None) -> None:
-        super().__init__(plugins_manager, session)
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+    def __init__(self, plugins_manager: PluginManager[Any], max_packet: int) -> None:
+        # Replaces ProtocolHandler.__init__ and BrokerProtocolHandler.__init__ (not called): the
+        # same attributes without what otabox never uses: a LoggerAdapter per connection (one
+        # shared logger instead), the `_reader_stopped` Event (stop() waits for the reader task
+        # itself), and BrokerProtocolHandler's pending (un)subscription Queues (SUBSCRIBE and
+        # UNSUBSCRIBE go into the inbox), ~8 KB per connection together.
+        self.logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = _AMQTT_HANDLER_LOG
+        self.session: Session | None = None
+        self.reader: ReaderAdapter | None = None
+        self.writer: WriterAdapter | None = None
+        self.plugins_manager: PluginManager[Any] = plugins_manager
+        self._loop = asyncio.get_running_loop()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.TimerHandle | None = None
+        self._reader_ready: asyncio.Event | None = None  # never made: see start()
+        self._puback_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._pubrec_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._pubrel_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._pubcomp_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._write_lock = asyncio.Lock()
+        self._disconnect_waiter: asyncio.Future[DisconnectPacket | None] | None = None  # never made: see start()
+        self.keepalive_timeout: int | None = None
+        self.inbox = Inbox()
         self.max_packet = max_packet
         self._closed = False
+        self._stream: asyncio.StreamReader | None = None  # the socket's StreamReader, when we have it
         self.certificate = ""  # serial of the device certificate the connection logged in with
 
     @classmethod
@@ -180,13 +359,76 @@ class Handler(BrokerProtocolHandler):
             session.remote_address, session.remote_port = peer
         return cls(plugins_manager, max_packet), session
 
+    def _init_session(self, session: Session) -> None:
+        # Replaces ProtocolHandler._init_session: no LoggerAdapter per connection (its "client_id"
+        # extra is in no format otabox logs with), and no write-side keep-alive timer, which the
+        # broker side does not need (stock re-arms one per packet sent).
+        if not session:
+            raise ProtocolHandlerError("Session cannot be None")
+        self.session = session
+        self.keepalive_timeout = None
+
     def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         super().attach(session, reader, writer)
-        # The broker side needs no write-side keep-alive timer (stock re-arms one per packet).
-        self.keepalive_timeout = None
-        # Incoming application messages land in the same queue as everything else, so the
+        if isinstance(reader, StreamReaderAdapter):
+            # The reader loop waits on the StreamReader itself: an idle connection's task then
+            # sits two coroutine frames deep instead of six (adapter, codec, fixed-header parser).
+            self._stream = reader._reader
+        # Incoming application messages land in the same inbox as everything else, so the
         # connection's task sees them in the order the packets arrived.
-        session.delivered_message_queue = self.inbox
+        session.delivered_message_queue = self.inbox  # type: ignore[assignment]
+
+    async def start(self) -> None:
+        # Replaces ProtocolHandler.start and BrokerProtocolHandler.start: no `_reader_ready` and
+        # `_reader_stopped` Events and no `_disconnect_waiter` future (nothing awaits it: the
+        # disconnect goes into the inbox). One yield lets the new reader task run up to its first
+        # read, which is all stock's ready-event waited for; then in-flight messages of a resumed
+        # session are sent again ([MQTT-4.4.0-1]) as stock does.
+        if not self._is_attached():
+            raise ProtocolHandlerError("Handler is not attached to a stream")
+        self._reader_task = asyncio.create_task(self._reader_loop())
+        await asyncio.sleep(0)
+        await self._retry_deliveries()
+
+    async def stop(self) -> None:
+        # Replaces ProtocolHandler.stop and BrokerProtocolHandler.stop: the same steps, waiting
+        # for the reader task itself instead of its `_reader_stopped` Event; there are no pending
+        # (un)subscription queues to empty and no disconnect waiter to resolve.
+        self._stop_waiters()
+        if self._keepalive_task:
+            self._keepalive_task.cancel()
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        try:
+            if self.writer is not None:
+                await self.writer.close()
+        except (asyncio.CancelledError, TimeoutError, OSError):
+            log.debug("closing the writer of %s failed", self.session and self.session.client_id, exc_info=True)
+
+    async def _read_header(self) -> MQTTFixedHeader | None:
+        """Replaces MQTTFixedHeader.from_stream (same result, same errors) when the socket's
+        StreamReader is at hand: None at the end of the stream, MQTTError for a remaining length
+        of more than four bytes."""
+        stream = self._stream
+        if stream is None:
+            assert self.reader is not None
+            return await MQTTFixedHeader.from_stream(self.reader)
+        try:
+            first = (await stream.readexactly(1))[0]
+            length, multiplier = 0, 1
+            while True:
+                byte = (await stream.readexactly(1))[0]
+                length += (byte & 0x7F) * multiplier
+                if not byte & 0x80:
+                    break
+                multiplier *= 128
+                if multiplier > 128**3:
+                    raise MQTTError(f"Invalid remaining length bytes, packet_type={first >> 4}")
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+            return None
+        return MQTTFixedHeader(first >> 4, first & 0x0F, length)
 
     async def _reader_loop(self) -> None:
         # Replaces ProtocolHandler._reader_loop: no task per packet, no wait_for per read;
@@ -194,22 +436,24 @@ class Handler(BrokerProtocolHandler):
         # Each packet is read whole (its announced length, within max_packet) before it is
         # decoded, so a packet that lies about its contents can never make the decoder read
         # into the next one or wait for bytes that will not come.
-        assert self._reader_ready is not None and self.reader is not None and self.session is not None
-        self._reader_ready.set()
+        assert self.reader is not None and self.session is not None
         timeout = self.session.keep_alive or None
         who = self.session.client_id
         try:
             while True:
                 try:
                     async with asyncio.timeout(timeout):
-                        header = await MQTTFixedHeader.from_stream(self.reader)
+                        header = await self._read_header()
                         if header is None:
                             break  # EOF
                         problem = self.refusal(header)
                         if problem:
                             log.info("%s: %s; closing", who, problem)
                             break
-                        body = await self.reader.read(header.remaining_length)
+                        if self._stream is not None:
+                            body = await self._stream.readexactly(header.remaining_length)
+                        else:
+                            body = await self.reader.read(header.remaining_length)
                 except TimeoutError:
                     log.info("keep-alive expired for %s; closing", who)
                     break
@@ -234,6 +478,8 @@ class Handler(BrokerProtocolHandler):
                 except AMQTTError as exc:  # amqtt's protocol flow refused the packet
                     log.info("%s: %s; closing", who, exc)
                     break
+                # Not held while the connection idles until its next packet (~300 bytes each).
+                del header, body, packet
         except (NoDataError, ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -242,7 +488,6 @@ class Handler(BrokerProtocolHandler):
             log.exception("reader of %s failed", who)
         finally:
             await self.handle_connection_closed()
-            self._reader_stopped.set()
 
     def refusal(self, header: MQTTFixedHeader) -> str:
         """Why a packet must not even be read (its fixed header says enough), or ""."""
