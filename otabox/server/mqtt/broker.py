@@ -15,8 +15,10 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
   PUBLISH to a `$`, wildcard or foreign topic is dropped and logged and the client is
   served on (stock stopped serving the client but left its session "connected", defect e);
   device messages go to the application hooks instead of the broadcast queue (which scans
-  every subscription per message). One task per connection instead of five: see
-  broker_session.py, which also replaces the per-session state machine and reader loop.
+  every subscription per message). One lasting task per connection instead of five, its
+  reader: what it reads for the broker goes into the handler's inbox, which a short-lived
+  task works through while it has items (see connection.py, which also replaces the
+  per-session state machine, the reader loop and the queues amqtt made per connection).
 - `add_subscription` / `_del_all_subscriptions` / `_del_subscription`: topic ACL and a
   per-session filter index (stock removed a session's subscriptions by scanning all).
 - Delivery: server -> device messages go straight to the device's handler in O(1) through
@@ -196,9 +198,7 @@ class OtaBroker(Broker):
         self.messages_in = 0
         self._identity: dict[str, tuple[str, str]] = {}  # session key -> (pk, dk)
         self._session_filters: dict[str, dict[str, int]] = {}  # session key -> {filter: qos}
-        # session key -> the task serving its connection (stock kept no such index; a task, not a
-        # future of its own: one object less per connection)
-        self._served: dict[str, asyncio.Future[Any]] = {}
+        self._served: dict[str, Handler] = {}  # session key -> the handler of its live connection
         self._closing = False
 
     async def _create_server_instance(
@@ -272,17 +272,21 @@ class OtaBroker(Broker):
             await writer.close()
             return
         await server.acquire_connection()
+        handed_over = False
         try:
-            await self._serve(reader, writer)
+            handed_over = await self._serve(reader, writer, server)
         except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
             log.info("connection ended: %r", exc)
         except Exception:
             log.exception("unexpected error serving an MQTT connection")
         finally:
-            release_socket(writer)  # however the connection ended
-            server.release_connection()
+            if not handed_over:  # else _finish does this when the connection ends
+                release_socket(writer)  # however the connection ended
+                server.release_connection()
 
-    async def _serve(self, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+    async def _serve(self, reader: ReaderAdapter, writer: WriterAdapter, server: Server) -> bool:
+        """Log the client in and set its connection up; True once it is handed over to its
+        handler's inbox (this task then ends: an idle connection keeps only its reader task)."""
         peer = writer.get_peer_info()
         address = peer[0] if peer else "?"
         try:
@@ -291,13 +295,13 @@ class OtaBroker(Broker):
         except TimeoutError:
             log.warning("no CONNECT from %s within %.1fs; closing", address, self.connect_timeout)
             await writer.close()
-            return
+            return False
         except (AMQTTError, MQTTError, NoDataError) as exc:
             log.warning("bad CONNECT from %s: %s", address, exc)
             await writer.close()
-            return
+            return False
         if connected is None:
-            return  # refused by protocol rules; CONNACK already sent
+            return False  # refused by protocol rules; CONNACK already sent
         handler, incoming = connected
 
         tls = writer.get_ssl_info()
@@ -313,7 +317,7 @@ class OtaBroker(Broker):
             # Refused before any session is touched: a live session with this id is unaffected.
             await ConnackPacket.build(0, result.refuse_code).to_stream(writer)
             await writer.close()
-            return
+            return False
 
         self.logins_accepted += 1
         pk, dk = result.product_key, result.device_key
@@ -327,9 +331,7 @@ class OtaBroker(Broker):
         handler.certificate = result.certificate
         self._sessions[key] = (session, handler)
         self._identity[key] = (pk, dk)
-        served = asyncio.current_task()
-        assert served is not None
-        self._served[key] = served
+        self._served[key] = handler
         try:
             await handler.mqtt_connack_authorize(True)
             await handler.start()
@@ -338,15 +340,31 @@ class OtaBroker(Broker):
             await self._publish_session_retained_messages(session)
             for topic_filter, qos in list(self._session_filters.get(key, {}).items()):
                 await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
-            await self._message_loop(session, handler, pk, dk)
-        finally:
-            self.outbox.detach(key, handler)
+        except BaseException:
+            await self._finish(session, handler, pk, dk, None)  # _client_connected releases
+            raise
+        # What the reader put in the inbox meanwhile (a SUBSCRIBE, the disconnect) is handled now.
+        handler.inbox.serve(partial(self._spawn_drain, session, handler, pk, dk, server))
+        return True
+
+    async def _finish(self, session: Session, handler: Handler, pk: str, dk: str, server: Server | None) -> None:
+        """The end of a connection, however it ended; with `server`, the socket and the
+        listener's count are released too."""
+        key = session.client_id or ""
+        handler.inbox.close()
+        self.outbox.detach(key, handler)
+        try:
             if session.transitions.is_connected():
                 await self._stop_handler(handler)
                 session.transitions.disconnect()
                 await self._call_hook(self.hooks.device_disconnected(pk, dk))
-            if self._served.get(key) is served:
+        finally:
+            if self._served.get(key) is handler:
                 del self._served[key]
+            if server is not None and handler.writer is not None:
+                release_socket(handler.writer)  # however the connection ended
+                server.release_connection()
+            handler.set_ended()
 
     async def _take_over(self, key: str) -> None:
         """Close the device's live connection (MQTT-3.1.4-2) and wait until it is fully gone."""
@@ -359,7 +377,7 @@ class OtaBroker(Broker):
         if served is not None:
             try:
                 async with asyncio.timeout(5):  # not wait_for: see JobEngine._run
-                    await asyncio.shield(served)
+                    await asyncio.shield(served.ended())
             except TimeoutError:
                 log.warning("previous connection of %s did not close in time", key)
 
@@ -394,33 +412,53 @@ class OtaBroker(Broker):
         self._drop_filters(key)
         session.clear_queues()
 
-    async def _message_loop(self, session: Session, handler: Handler, pk: str, dk: str) -> None:
+    def _spawn_drain(self, session: Session, handler: Handler, pk: str, dk: str, server: Server) -> None:
+        _keep(asyncio.create_task(self._drain(session, handler, pk, dk, server)))
+
+    async def _drain(self, session: Session, handler: Handler, pk: str, dk: str, server: Server) -> None:
         # Replaces amqtt's _client_message_loop and its four waiter tasks per client (which
         # also logged repr() of the whole subscription table on every SUBSCRIBE and stopped
-        # serving on a bad topic): this connection's own task works through its inbox.
+        # serving on a bad topic): a task that works through the connection's inbox in order,
+        # started when an item arrives and ended when none is left (the inbox starts the next
+        # one), so an idle connection has no task waiting on its inbox.
         inbox = handler.inbox
-        while True:
-            item = await inbox.get()
-            if isinstance(item, Closed):
-                self.outbox.detach(session.client_id or "", handler)
-                await self._stop_handler(handler)
-                session.transitions.disconnect()
-                if item.packet is None and session.will_flag:
-                    log.info("%s/%s dropped; its will message is not published (devices only)", pk, dk)
-                await self._call_hook(self.hooks.device_disconnected(pk, dk))
-                return
-            if isinstance(item, Subscription):
-                codes = [await self.add_subscription(topic, session) for topic in item.topics]
-                await handler.mqtt_acknowledge_subscription(item.packet_id, codes)
-                for (topic_filter, _), code in zip(item.topics, codes, strict=True):
-                    if code != SUBSCRIBE_REFUSED:
-                        await self._publish_retained_messages_for_subscription((topic_filter, code), session)
-            elif isinstance(item, UnSubscription):
-                for topic_filter in item.topics:
-                    self._del_subscription(topic_filter, session)
-                await handler.mqtt_acknowledge_unsubscription(item.packet_id)
-            else:
-                await self._device_publish(session, pk, dk, item)
+        try:
+            while (item := inbox.next_item()) is not None:
+                if isinstance(item, Closed):
+                    inbox.close()
+                    self.outbox.detach(session.client_id or "", handler)
+                    await self._stop_handler(handler)
+                    session.transitions.disconnect()
+                    if item.packet is None and session.will_flag:
+                        log.info("%s/%s dropped; its will message is not published (devices only)", pk, dk)
+                    await self._call_hook(self.hooks.device_disconnected(pk, dk))
+                    await self._finish(session, handler, pk, dk, server)
+                    return
+                await self._handle_item(session, handler, pk, dk, item)
+        except BaseException as exc:
+            # As when the connection's task ended with an exception: logged, then the end of it.
+            if isinstance(exc, AMQTTError | MQTTError | NoDataError | ConnectionError):
+                log.info("connection ended: %r", exc)
+            elif isinstance(exc, Exception):
+                log.exception("unexpected error serving an MQTT connection")
+            await self._finish(session, handler, pk, dk, server)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: still cancelled once the end is done
+
+    async def _handle_item(self, session: Session, handler: Handler, pk: str, dk: str, item: Any) -> None:
+        """One SUBSCRIBE, UNSUBSCRIBE or device message, in the order they arrived."""
+        if isinstance(item, Subscription):
+            codes = [await self.add_subscription(topic, session) for topic in item.topics]
+            await handler.mqtt_acknowledge_subscription(item.packet_id, codes)
+            for (topic_filter, _), code in zip(item.topics, codes, strict=True):
+                if code != SUBSCRIBE_REFUSED:
+                    await self._publish_retained_messages_for_subscription((topic_filter, code), session)
+        elif isinstance(item, UnSubscription):
+            for topic_filter in item.topics:
+                self._del_subscription(topic_filter, session)
+            await handler.mqtt_acknowledge_unsubscription(item.packet_id)
+        else:
+            await self._device_publish(session, pk, dk, item)
 
     async def _device_publish(self, session: Session, pk: str, dk: str, message: Any) -> None:
         self.messages_in += 1
@@ -511,6 +549,6 @@ class OtaBroker(Broker):
         await super().shutdown()
         # Stock shutdown does not wait for connection handlers to finish; ours run hooks
         # that write to the store, which the app closes next.
-        pending = [f for f in self._served.values() if not f.done()]
+        pending = [f for f in (h.ended() for h in self._served.values()) if not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=5)

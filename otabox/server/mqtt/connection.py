@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, WriterAdapter
@@ -212,27 +213,59 @@ class LightSession(Session):
 
 
 class Inbox:
-    """Replaces the handler's asyncio.Queue: one consumer (the connection's task), unbounded.
+    """Replaces the handler's asyncio.Queue: unbounded, first in first out, one consumer.
 
     An asyncio.Queue is three deques and an Event (a fourth deque), ~3.3 KB, kept for the whole
-    connection; this is two slots, a deque only while items wait and a future only while the
-    consumer does. The same order (first in, first out) and the calls amqtt makes on the
-    session's `delivered_message_queue` (`put`, `put_nowait`, `get`, `empty`, `get_nowait`, `qsize`).
+    connection; this is a few slots and a deque only while items wait. Its consumer is either a
+    task in `get()` (a future only while it waits) or, once `serve(spawn)` is called, a task
+    that `spawn()` starts when an item arrives and nobody is working through the inbox: it
+    takes items with `next_item()` until None, which also marks the inbox as unattended again.
+    Also the calls amqtt makes on the session's `delivered_message_queue` (`put`, `put_nowait`,
+    `get`, `empty`, `get_nowait`, `qsize`).
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_busy", "_items", "_spawn", "_waiter")
 
     def __init__(self) -> None:
         self._items: collections.deque[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._spawn: Callable[[], None] | None = None
+        self._busy = False  # a task started by `_spawn` is working through the items
 
     def put_nowait(self, item: Any) -> None:
+        if self._spawn is None and self._busy:
+            return  # closed
         if self._items is None:
             self._items = collections.deque()
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        self._wake()
+
+    def serve(self, spawn: Callable[[], None]) -> None:
+        """From now on, `spawn()` starts a task for what arrives (at once if items wait)."""
+        self._spawn = spawn
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._spawn is not None and not self._busy and self._items:
+            self._busy = True
+            self._spawn()
+
+    def next_item(self) -> Any:
+        """The next item, or None when there is none (the inbox then starts a task for the next)."""
+        if not self._items:
+            if self._spawn is not None:  # not closed
+                self._busy = False
+            return None
+        return self.get_nowait()
+
+    def close(self) -> None:
+        """The connection is over: nothing more is started, and what still arrives is dropped."""
+        self._spawn = None
+        self._busy = True
+        self._items = None
 
     async def put(self, item: Any) -> None:
         self.put_nowait(item)
@@ -299,6 +332,8 @@ class Handler(BrokerProtocolHandler):
         self.max_packet = max_packet
         self._closed = False
         self._stream: asyncio.StreamReader | None = None  # the socket's StreamReader, when we have it
+        self._ended: asyncio.Future[None] | None = None  # made only for who waits for the end
+        self._has_ended = False
         self.certificate = ""  # serial of the device certificate the connection logged in with
 
     @classmethod
@@ -535,6 +570,19 @@ class Handler(BrokerProtocolHandler):
 
     async def handle_connection_closed(self) -> None:
         await self.handle_disconnect(None)
+
+    def ended(self) -> asyncio.Future[None]:
+        """A future done once the broker has finished with this connection (`set_ended`)."""
+        if self._ended is None:
+            self._ended = self._loop.create_future()
+            if self._has_ended:
+                self._ended.set_result(None)
+        return self._ended
+
+    def set_ended(self) -> None:
+        self._has_ended = True
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
 
     def send_qos0(self, topic: str, payload: bytes) -> bool:
         """Write a QoS 0 PUBLISH without a task or a drain (the transport buffers it)."""
