@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from otabox.jobspec import DEFAULT_TIMEOUT
 from otabox.models import ACTIVE, IN_FLIGHT, RETRYABLE, EventKind, JobEvent, Task, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import IntegrityError, Op, StoreBase, Tx
@@ -128,24 +129,27 @@ async def insert_job_event(
     )
 
 
-# A device's progress report, read and written in one op (see `TaskSQL.report_progress`). The
-# `status IN (active)` term lets both backends use the partial unique index tasks_one_active.
+# A device's progress report (see `TaskSQL.report_progress`): an upgrading task keeps the
+# highest step reported; a published one is confirmed, upgrading from now with its job's
+# timeout (a job's spec never changes) restarted. Two UPDATEs rather than one with CASEs: one
+# that sets status and due_at rewrites their index entries on every report. The `status IN
+# (active)` term lets both backends use the partial unique index tasks_one_active.
 _DEVICE_ACTIVE = f"product_key = ? AND device_key = ? AND status IN {sql_list(ACTIVE)}"
 _BEST = "CASE WHEN progress > ? THEN progress ELSE ? END"  # max(step, progress or 0) for step >= 0
 _PROGRESS_UPGRADING = (
     f"UPDATE tasks SET progress = {_BEST}, step = {_BEST}, desc = ?, updated_at = ?"
     f" WHERE {_DEVICE_ACTIVE} AND status = '{TaskState.UPGRADING}'"
 )
-_PROGRESS_EVENT = TASK_EVENT + f" WHERE t.{_DEVICE_ACTIVE.replace(' AND ', ' AND t.')}"
-_PROGRESS_READ = (
-    "SELECT t.job_id, t.status, json_extract(j.spec, '$.\"timeoutSeconds\"') AS timeout"
-    f" FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.{_DEVICE_ACTIVE.replace(' AND ', ' AND t.')}"
+_TIMEOUT = (
+    "COALESCE((SELECT CAST(json_extract(j.spec, '$.\"timeoutSeconds\"') AS REAL) FROM jobs j"
+    f" WHERE j.id = tasks.job_id), {DEFAULT_TIMEOUT})"
 )
 _PROGRESS_CONFIRM = (
-    f"UPDATE tasks SET status = '{TaskState.UPGRADING}', upgrading_at = ?, due_at = ?, progress = ?, step = ?,"
-    " desc = ?, updated_at = ?"
-    f" WHERE job_id = ? AND product_key = ? AND device_key = ? AND status = '{TaskState.PUBLISHED}'"
+    f"UPDATE tasks SET status = '{TaskState.UPGRADING}', upgrading_at = ?, due_at = ? + {_TIMEOUT},"
+    " progress = ?, step = ?, desc = ?, updated_at = ?"
+    f" WHERE {_DEVICE_ACTIVE} AND status = '{TaskState.PUBLISHED}'"
 )
+_PROGRESS_EVENT = TASK_EVENT + f" WHERE t.{_DEVICE_ACTIVE.replace(' AND ', ' AND t.')} AND t.updated_at = ?"
 
 
 class TaskSQL(StoreBase):
@@ -153,26 +157,21 @@ class TaskSQL(StoreBase):
         """A device's progress report (`step` >= 0) on its in-flight task, stored with its event;
         False (nothing written) when the device has no task in flight.
 
-        The rules of `DeviceReports.on_progress`, decided inside the write's transaction on the
-        task row as it is then (one op, no read before it, nothing cached): an upgrading task
-        keeps the highest progress reported (a PROGRESS event); a published one is confirmed,
-        upgrading from now with its job's timeout restarted (a STATE event).
+        The rules of `DeviceReports.on_progress`, decided by the writes themselves on the task
+        row as it is then (no read before them, nothing cached): an upgrading task keeps the
+        highest step reported (a PROGRESS event); a published one is confirmed, upgrading from
+        now with its job's timeout restarted (a STATE event).
         """
         assert step >= 0, step
 
         async def op(tx: Tx) -> bool:
             ts = log_time()
-            if await tx.execute(_PROGRESS_UPGRADING, (step, step, step, step, desc, ts, pk, dk)):
-                await tx.execute(_PROGRESS_EVENT, (ts, EventKind.PROGRESS, pk, dk))
-                return True
-            found = await tx.fetch(_PROGRESS_READ, (pk, dk))
-            if not found or found[0]["status"] != TaskState.PUBLISHED:
-                return False  # none, or pending: not in flight
-            job_id, timeout = found[0]["job_id"], found[0]["timeout"]
-            now = time.time()
-            due = now + (float(timeout) if timeout is not None else 7200.0)
-            await tx.execute(_PROGRESS_CONFIRM, (now, due, step, step, desc, ts, job_id, pk, dk))
-            await tx.execute(_PROGRESS_EVENT, (ts, EventKind.STATE, pk, dk))
+            kind = EventKind.PROGRESS
+            if not await tx.execute(_PROGRESS_UPGRADING, (step, step, step, step, desc, ts, pk, dk)):
+                kind = EventKind.STATE
+                if not await tx.execute(_PROGRESS_CONFIRM, (ts, ts, step, step, desc, ts, pk, dk)):
+                    return False  # no task, or pending: not in flight
+            await tx.execute(_PROGRESS_EVENT, (ts, kind, pk, dk, ts))
             return True
 
         return await self.batched(op)
