@@ -329,6 +329,8 @@ class OtaBroker(Broker):
         session.transitions.connect()
         handler.attach(session, reader, writer)
         handler.certificate = result.certificate
+        handler.identity = (pk, dk)
+        handler.listener = server
         self._sessions[key] = (session, handler)
         self._identity[key] = (pk, dk)
         self._served[key] = handler
@@ -344,7 +346,7 @@ class OtaBroker(Broker):
             await self._finish(session, handler, pk, dk, None)  # _client_connected releases
             raise
         # What the reader put in the inbox meanwhile (a SUBSCRIBE, the disconnect) is handled now.
-        handler.inbox.serve(partial(self._spawn_drain, session, handler, pk, dk, server))
+        handler.inbox.serve(self._spawn_drain, handler)
         return True
 
     async def _finish(self, session: Session, handler: Handler, pk: str, dk: str, server: Server | None) -> None:
@@ -412,8 +414,10 @@ class OtaBroker(Broker):
         self._drop_filters(key)
         session.clear_queues()
 
-    def _spawn_drain(self, session: Session, handler: Handler, pk: str, dk: str, server: Server) -> None:
-        _keep(asyncio.create_task(self._drain(session, handler, pk, dk, server)))
+    def _spawn_drain(self, handler: Handler) -> None:
+        assert handler.session is not None
+        pk, dk = handler.identity
+        _keep(asyncio.create_task(self._drain(handler.session, handler, pk, dk, handler.listener)))
 
     async def _drain(self, session: Session, handler: Handler, pk: str, dk: str, server: Server) -> None:
         # Replaces amqtt's _client_message_loop and its four waiter tasks per client (which

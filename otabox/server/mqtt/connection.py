@@ -218,18 +218,19 @@ class Inbox:
     An asyncio.Queue is three deques and an Event (a fourth deque), ~3.3 KB, kept for the whole
     connection; this is a few slots and a deque only while items wait. Its consumer is either a
     task in `get()` (a future only while it waits) or, once `serve(spawn)` is called, a task
-    that `spawn()` starts when an item arrives and nobody is working through the inbox: it
+    that `spawn(owner)` starts when an item arrives and nobody is working through the inbox: it
     takes items with `next_item()` until None, which also marks the inbox as unattended again.
     Also the calls amqtt makes on the session's `delivered_message_queue` (`put`, `put_nowait`,
     `get`, `empty`, `get_nowait`, `qsize`).
     """
 
-    __slots__ = ("_busy", "_items", "_spawn", "_waiter")
+    __slots__ = ("_busy", "_items", "_owner", "_spawn", "_waiter")
 
     def __init__(self) -> None:
         self._items: collections.deque[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._spawn: Callable[[], None] | None = None
+        self._spawn: Callable[[Any], None] | None = None
+        self._owner: Any = None
         self._busy = False  # a task started by `_spawn` is working through the items
 
     def put_nowait(self, item: Any) -> None:
@@ -243,15 +244,15 @@ class Inbox:
             waiter.set_result(None)
         self._wake()
 
-    def serve(self, spawn: Callable[[], None]) -> None:
-        """From now on, `spawn()` starts a task for what arrives (at once if items wait)."""
-        self._spawn = spawn
+    def serve(self, spawn: Callable[[Any], None], owner: Any) -> None:
+        """From now on, `spawn(owner)` starts a task for what arrives (at once if items wait)."""
+        self._spawn, self._owner = spawn, owner
         self._wake()
 
     def _wake(self) -> None:
         if self._spawn is not None and not self._busy and self._items:
             self._busy = True
-            self._spawn()
+            self._spawn(self._owner)
 
     def next_item(self) -> Any:
         """The next item, or None when there is none (the inbox then starts a task for the next)."""
@@ -263,7 +264,7 @@ class Inbox:
 
     def close(self) -> None:
         """The connection is over: nothing more is started, and what still arrives is dropped."""
-        self._spawn = None
+        self._spawn = self._owner = None
         self._busy = True
         self._items = None
 
@@ -306,6 +307,35 @@ class Closed:
 class Handler(BrokerProtocolHandler):
     """BrokerProtocolHandler with one reader task, inline dispatch and one inbox."""
 
+    # Slots, ours and amqtt's: no instance dict (amqtt's own code assigns these same names).
+    __slots__ = (
+        "_closed",
+        "_disconnect_waiter",
+        "_ended",
+        "_has_ended",
+        "_keepalive_task",
+        "_loop",
+        "_puback_waiters",
+        "_pubcomp_waiters",
+        "_pubrec_waiters",
+        "_pubrel_waiters",
+        "_reader_ready",
+        "_reader_task",
+        "_stream",
+        "_write_lock",
+        "certificate",
+        "identity",
+        "inbox",
+        "keepalive_timeout",
+        "listener",
+        "logger",
+        "max_packet",
+        "plugins_manager",
+        "reader",
+        "session",
+        "writer",
+    )
+
     def __init__(self, plugins_manager: PluginManager[Any], max_packet: int) -> None:
         # Replaces ProtocolHandler.__init__ and BrokerProtocolHandler.__init__ (not called): the
         # same attributes without what otabox never uses: a LoggerAdapter per connection (one
@@ -335,6 +365,8 @@ class Handler(BrokerProtocolHandler):
         self._ended: asyncio.Future[None] | None = None  # made only for who waits for the end
         self._has_ended = False
         self.certificate = ""  # serial of the device certificate the connection logged in with
+        self.identity: tuple[str, str] = ("", "")  # (product key, device key), set by the broker
+        self.listener: Any = None  # the broker's listener (amqtt Server) it came in on
 
     @classmethod
     async def read_connect(
