@@ -250,16 +250,21 @@ def request_id(payload: bytes) -> str | int | float | None:
     return ident if isinstance(ident, str | int) else None
 
 
+# json.dumps with any option builds a new encoder per call; replies and pushes go out per
+# message, so one encoder with the same options (the same text) serves them all.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def reply(msg_id: str | int | float | None, code: int, data: Any = None, message: str | None = None) -> bytes:
     body: dict[str, Any] = {"id": msg_id, "code": code, "data": {} if data is None else data}
     if message:
         body["message"] = message
-    return json.dumps(body, separators=(",", ":")).encode()
+    return _COMPACT.encode(body).encode()
 
 
 def request(msg_id: str, method: str, params: dict[str, Any]) -> bytes:
     body = {"id": msg_id, "version": "1.0", "method": method, "params": params}
-    return json.dumps(body, separators=(",", ":")).encode()
+    return _COMPACT.encode(body).encode()
 
 
 def parse_version(params: dict[str, Any]) -> str:
