@@ -269,6 +269,36 @@ async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(ser
     writer.close()
 
 
+async def test_a_client_that_pings_outlives_its_keepalive(server: Server) -> None:
+    # One keep-alive timer per connection moves on with each packet: 4 s of PINGREQs every
+    # 0.5 s (the broker allows 1.5 x 1 s of silence) keep the connection open and answered.
+    dev = await server.device("d1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=1))
+    assert (await reader.readexactly(4))[3] == 0
+    for _ in range(8):
+        writer.write(b"\xc0\x00")  # PINGREQ
+        async with asyncio.timeout(2):
+            assert await reader.readexactly(2) == b"\xd0\x00"  # PINGRESP
+        await asyncio.sleep(0.5)
+    assert await _online_d1(server)
+    writer.close()
+
+
+async def test_a_packet_stalled_mid_body_counts_as_silence(server: Server) -> None:
+    dev = await server.device("d1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=1))
+    assert (await reader.readexactly(4))[3] == 0
+    writer.write(_publish(protocol.topic_for("pk1", "d1", protocol.INFORM), b"{}")[:6])  # never finished
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    await wait_for(lambda: _offline(server, "d1"))
+    writer.close()
+
+
 async def _online_d1(server: Server) -> bool:
     online: bool = (await server.call("GET", "/products/pk1/devices/d1", 200))["online"]
     return online

@@ -295,6 +295,9 @@ class Inbox:
         return len(self._items) if self._items else 0
 
 
+_DISCARDED = object()  # Handler._decode: a packet refused, the connection goes on
+
+
 class Closed:
     """Inbox item: the connection ended (`packet` is the DISCONNECT, or None when it just dropped)."""
 
@@ -312,6 +315,7 @@ class Handler(BrokerProtocolHandler):
         "_closed",
         "_disconnect_waiter",
         "_ended",
+        "_expired",
         "_has_ended",
         "_keepalive_task",
         "_loop",
@@ -321,6 +325,8 @@ class Handler(BrokerProtocolHandler):
         "_pubrel_waiters",
         "_reader_ready",
         "_reader_task",
+        "_reading_since",
+        "_silence",
         "_stream",
         "_write_lock",
         "certificate",
@@ -364,6 +370,9 @@ class Handler(BrokerProtocolHandler):
         self._stream: asyncio.StreamReader | None = None  # the socket's StreamReader, when we have it
         self._ended: asyncio.Future[None] | None = None  # made only for who waits for the end
         self._has_ended = False
+        self._silence: asyncio.TimerHandle | None = None  # the keep-alive timer (see _silent)
+        self._reading_since: float | None = None  # loop time the current packet read began
+        self._expired = False  # the keep-alive timer cancelled the reader
         self.certificate = ""  # serial of the device certificate the connection logged in with
         self.identity: tuple[str, str] = ("", "")  # (product key, device key), set by the broker
         self.listener: Any = None  # the broker's listener (amqtt Server) it came in on
@@ -464,6 +473,7 @@ class Handler(BrokerProtocolHandler):
         self._stop_waiters()
         if self._keepalive_task:
             self._keepalive_task.cancel()
+        self._stop_silence()
         task = self._reader_task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
@@ -499,46 +509,43 @@ class Handler(BrokerProtocolHandler):
 
     async def _reader_loop(self) -> None:
         # Replaces ProtocolHandler._reader_loop: no task per packet, no wait_for per read;
-        # a client silent for the session's keep-alive (already 1.5 x) is disconnected.
+        # a client silent for the session's keep-alive (already 1.5 x) is disconnected: one
+        # whose next packet has not arrived whole that long after its read began (one timer
+        # per connection, see _silent).
         # Each packet is read whole (its announced length, within max_packet) before it is
         # decoded, so a packet that lies about its contents can never make the decoder read
         # into the next one or wait for bytes that will not come.
         assert self.reader is not None and self.session is not None
         timeout = self.session.keep_alive or None
         who = self.session.client_id
+        loop = self._loop
+        if timeout is not None:
+            self._silence = loop.call_at(loop.time() + timeout, self._silent, timeout)
         try:
             while True:
+                self._reading_since = loop.time()
                 try:
-                    async with asyncio.timeout(timeout):
-                        header = await self._read_header()
-                        if header is None:
-                            break  # EOF
-                        problem = self.refusal(header)
-                        if problem:
-                            log.info("%s: %s; closing", who, problem)
-                            break
-                        if self._stream is not None:
-                            body = await self._stream.readexactly(header.remaining_length)
-                        else:
-                            body = await self.reader.read(header.remaining_length)
-                except TimeoutError:
-                    log.info("keep-alive expired for %s; closing", who)
+                    header = await self._read_header()
+                    if header is None:
+                        break  # EOF
+                    problem = self.refusal(header)
+                    if problem:
+                        log.info("%s: %s; closing", who, problem)
+                        break
+                    body = await self._read_body(header.remaining_length)
+                except asyncio.CancelledError:
+                    if not self._keepalive_expired():
+                        raise  # stopped
                     break
                 except MQTTError as exc:  # a bad fixed header: the stream cannot be followed any more
                     log.info("%s sent a malformed packet header (%s); closing", who, exc)
                     break
-                try:
-                    packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
-                except MQTTError as exc:
-                    # A well-framed packet we refuse (see broker._read_publish_header): go on.
-                    log.info("%s: packet discarded: %s", who, exc)
+                self._reading_since = None  # handling it is not silence
+                packet = await self._decode(header, body, who)
+                if packet is _DISCARDED:
                     continue
-                except Exception as exc:  # attacker bytes: any decoding failure is a malformed packet
-                    log.info("%s sent a malformed packet (type %d: %r); closing", who, header.packet_type, exc)
+                if packet is None:
                     break
-                if header.packet_type in (SUBSCRIBE, UNSUBSCRIBE) and not (packet.payload and packet.payload.topics):
-                    log.info("%s sent a SUBSCRIBE or UNSUBSCRIBE without a topic filter; closing", who)
-                    break  # [MQTT-3.8.3-3], [MQTT-3.10.3-2]
                 try:
                     if await self._dispatch(header.packet_type, packet):
                         break
@@ -554,7 +561,61 @@ class Handler(BrokerProtocolHandler):
         except Exception:
             log.exception("reader of %s failed", who)
         finally:
+            self._stop_silence()
             await self.handle_connection_closed()
+
+    async def _read_body(self, n: int) -> bytes:
+        if self._stream is not None:
+            return await self._stream.readexactly(n)
+        assert self.reader is not None
+        return await self.reader.read(n)
+
+    def _keepalive_expired(self) -> bool:
+        """Whether the reader was cancelled by the keep-alive timer (logged) rather than stopped."""
+        if not self._expired:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # our own timer's cancellation, handled here
+        log.info("keep-alive expired for %s; closing", self.session and self.session.client_id)
+        return True
+
+    def _stop_silence(self) -> None:
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None
+
+    async def _decode(self, header: MQTTFixedHeader, body: bytes, who: str | None) -> Any:
+        """The packet read whole, decoded; `_DISCARDED` for one refused but well framed (the
+        connection goes on), None for one that ends the connection (logged either way)."""
+        try:
+            packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
+        except MQTTError as exc:
+            # A well-framed packet we refuse (see broker._read_publish_header): go on.
+            log.info("%s: packet discarded: %s", who, exc)
+            return _DISCARDED
+        except Exception as exc:  # attacker bytes: any decoding failure is a malformed packet
+            log.info("%s sent a malformed packet (type %d: %r); closing", who, header.packet_type, exc)
+            return None
+        if header.packet_type in (SUBSCRIBE, UNSUBSCRIBE) and not (packet.payload and packet.payload.topics):
+            log.info("%s sent a SUBSCRIBE or UNSUBSCRIBE without a topic filter; closing", who)
+            return None  # [MQTT-3.8.3-3], [MQTT-3.10.3-2]
+        return packet
+
+    def _silent(self, timeout: float) -> None:
+        """The keep-alive timer. Replaces an `asyncio.timeout()` around each packet read (a
+        Timeout object, a timer handle and a context made and dropped per packet, and held while
+        the connection idles): one handle per connection, moved on to the current read's deadline
+        when it fires early; when a read has lasted `timeout`, the reader is cancelled."""
+        now = self._loop.time()
+        since = self._reading_since
+        if since is not None and now - since >= timeout:
+            self._silence = None
+            self._expired = True
+            if self._reader_task is not None:
+                self._reader_task.cancel()
+            return
+        self._silence = self._loop.call_at((now if since is None else since) + timeout, self._silent, timeout)
 
     def refusal(self, header: MQTTFixedHeader) -> str:
         """Why a packet must not even be read (its fixed header says enough), or ""."""
