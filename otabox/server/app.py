@@ -58,6 +58,8 @@ ADMIN_TOKEN_KEY = "admin_token_sha256"
 LOCK_FILE = "otabox.lock"
 # Allocations (net) between young-generation collections; CPython's default is 700.
 GC_GEN0_THRESHOLD = 50_000
+# Seconds between full collections (see collect_periodically).
+GC_FULL_EVERY = 300.0
 # Pending HTTP connections the kernel queues (a fleet's downloads can arrive at once).
 HTTP_BACKLOG = 1024
 # Open files a server needs besides its devices' sockets (database, firmware, HTTP clients, logs).
@@ -409,6 +411,23 @@ class AcceptFailures:
             self._reported_at, self._unreported = now, 0
 
 
+async def collect_periodically(every: float = GC_FULL_EVERY) -> None:
+    """A full garbage collection every `every` seconds.
+
+    With `tune_gc`'s thresholds CPython runs one only after ~100 million net allocations, and
+    whatever dies in a reference cycle after reaching the old generation waits for it: under
+    churn (connections, HTTP requests, asyncio's own cycles) RSS grew by 1.35 GB/h in the soak
+    before the largest cycles were broken (`mqtt.connection`). One pass over the live objects
+    (start-up's are frozen) takes tens of milliseconds at 10,000 devices; every few minutes it
+    bounds what the rest can pile up.
+    """
+    while True:
+        await asyncio.sleep(every)
+        started = time.perf_counter()
+        found = gc.collect()
+        log.debug("full garbage collection: %d object(s) in %.0f ms", found, 1000 * (time.perf_counter() - started))
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -465,6 +484,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         log.error("cannot start: %s", exc)
         return 1
     tune_gc()
+    collector = asyncio.create_task(collect_periodically(), name="otabox-gc")
     if app.printed_token:
         print(f"Admin token (shown once, only its hash is stored): {app.printed_token}", flush=True)
     assert app.services is not None
@@ -476,5 +496,6 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         await stop.wait()
     finally:
         log.info("shutting down")
+        collector.cancel()
         await app.stop()
     return 0
