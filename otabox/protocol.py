@@ -299,7 +299,8 @@ def parse_progress(params: dict[str, Any]) -> Progress:
     except ValueError as exc:
         raise ProtocolError(f"step {raw!r} is not a number") from exc
     # NaN and infinities ("nan", 1e400, JSON NaN) would make int() raise below: a 500, not a 400.
-    if not math.isfinite(step_f) or step_f != int(step_f) or step_f > 100:
+    # A failure code is a small negative number; one past 32 bits is no code (and no database integer).
+    if not math.isfinite(step_f) or step_f != int(step_f) or not -(2**31) <= step_f <= 100:
         raise ProtocolError(f"step {raw!r} out of range (0..100, or negative for failure)")
     desc = params.get("desc")
     if desc is not None and not isinstance(desc, str):

@@ -35,7 +35,8 @@ def test_username_with_trailing_newline_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "step", ["nan", "inf", "-inf", "1e400", float("nan"), float("inf"), "101", "2.5", "x", None, True]
+    "step",
+    ["nan", "inf", "-inf", "1e400", float("nan"), float("inf"), "101", "2.5", "x", None, True, -(2**31) - 1, "-1e30"],
 )
 def test_bad_progress_steps_are_protocol_errors(step: object) -> None:
     with pytest.raises(protocol.ProtocolError):
