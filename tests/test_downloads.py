@@ -45,6 +45,7 @@ async def test_full_and_range_downloads_come_from_the_sender_process(server: Ser
         # Keep-alive: the same connection serves the next request after a body sent by a thread.
         async with http.get(big["url"], headers={"Range": "bytes=-10"}) as resp:
             assert resp.status == 206 and await resp.read() == big["content"][-10:]
+
     # The child's "sent" reply may reach the server after the client has read the last bytes.
     async def all_sent() -> bool:
         return s.sent_bytes == SIZE + 2_000_000 + 10 and s.active == 0
