@@ -22,12 +22,20 @@ class NodeRow:
 
 class NodeSQL(StoreBase):
     async def heartbeat(self, node_id: str, started_at: float, now: float, devices_connected: int) -> None:
-        await self._write(
+        sql = (
             "INSERT INTO nodes (node_id, started_at, heartbeat_at, devices_connected) VALUES (?, ?, ?, ?)"
             " ON CONFLICT(node_id) DO UPDATE SET started_at = excluded.started_at,"
-            " heartbeat_at = excluded.heartbeat_at, devices_connected = excluded.devices_connected",
-            (node_id, started_at, now, devices_connected),
+            " heartbeat_at = excluded.heartbeat_at, devices_connected = excluded.devices_connected"
         )
+        params = (node_id, started_at, now, devices_connected)
+        if self.dialect == "sqlite":
+            await self._write(sql, params)  # one node: nobody else reads its heartbeat
+            return
+        # Not in the group commit's line but on a pooled connection (its own transaction): under
+        # load that line holds seconds of progress reports, and a heartbeat waiting in it made a
+        # busy node look dead to the others, which showed its devices offline and took its
+        # leadership (the 50,000-device bench).
+        await self.backend.fetch(sql, params)
 
     async def list_nodes(self) -> list[NodeRow]:
         found = await self._all("SELECT * FROM nodes ORDER BY node_id")
