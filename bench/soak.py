@@ -144,6 +144,18 @@ def _settle(client: Client) -> None:
     _wait(lambda: json.loads(_get(client, "/healthz"))["devicesConnected"] == 0, 60)
 
 
+def _settled(client: Client, baseline: dict[str, float], within: float = 20.0) -> dict[str, float]:
+    """The counts once the last connections' teardown has run: back at the baseline, or what they
+    are after `within` seconds (a leak stays; a busy machine only takes longer to get there)."""
+    deadline = time.monotonic() + within
+    while True:
+        time.sleep(1)
+        now = read_metrics(client)
+        back = all(now[k] <= baseline[k] for k in ("tasks", "fds"))
+        if back or time.monotonic() > deadline:
+            return now
+
+
 def _wait(predicate: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -172,8 +184,7 @@ def run(devices: int, minutes: float, every: float = 10.0) -> Soak:
                     await asyncio.gather(sampler, return_exceptions=True)
 
             asyncio.run(main())
-            time.sleep(2)  # connection handlers finish their bookkeeping
-            soak.after = read_metrics(client)
+            soak.after = _settled(client, soak.baseline)
         finally:
             proc.stop()
     return soak
