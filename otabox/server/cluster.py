@@ -112,6 +112,11 @@ async def share_keys(store: Store, data_dir: Path) -> None:
             os.chmod(path, 0o644)
 
 
+def _session_name(node_id: str) -> str:
+    """The application_name of a node's cluster session (PostgreSQL keeps 63 bytes of it)."""
+    return f"otabox {node_id}".encode()[:63].decode(errors="ignore")
+
+
 class Solo:
     """The only node: always the leader; messages go straight to this node's outbox."""
 
@@ -226,7 +231,10 @@ class PostgresCluster:
         self.leader = False
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT, server_settings=KEEPALIVES)
+        # The session names its node (pg_stat_activity.application_name): `_unseat_silent_leader`
+        # ends a session only if it is the silent node's.
+        settings = {**KEEPALIVES, "application_name": _session_name(self.node_id)}
+        conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT, server_settings=settings)
         await conn.add_listener(CHANNEL, self._heard)
         self._conn = conn
 
@@ -303,10 +311,15 @@ class PostgresCluster:
         if silent < self.node_timeout:
             return
         # A bigint advisory key shows in pg_locks as classid (high half), objid (low half), objsubid 1.
+        # Only the silent node's session: the lock may have passed to another node whose note in
+        # the kv (written through the group commit) has not landed yet; ending that one would
+        # unseat a live leader.
         pid = await self._fetchval(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1"
-            " AND objsubid = 1 AND granted",
+            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = $1 AND l.objsubid = 1"
+            " AND l.granted AND a.application_name = $2",
             LEADER_LOCK,
+            _session_name(holder),
         )
         if pid is not None and await self._fetchval("SELECT pg_terminate_backend($1)", pid):
             log.warning("leader %s silent for %.0f s: its database session was ended to take over", holder, silent)
