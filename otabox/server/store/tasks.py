@@ -134,7 +134,13 @@ async def insert_job_event(
 # timeout (a job's spec never changes) restarted. Two UPDATEs rather than one with CASEs: one
 # that sets status and due_at rewrites their index entries on every report. The `status IN
 # (active)` term lets both backends use the partial unique index tasks_one_active.
-_DEVICE_ACTIVE = f"product_key = ? AND device_key = ? AND status IN {sql_list(ACTIVE)}"
+def _device_active(table: str = "") -> str:
+    """The device's active task (`table`: the alias to qualify the columns with)."""
+    t = f"{table}." if table else ""
+    return f"{t}product_key = ? AND {t}device_key = ? AND {t}status IN {sql_list(ACTIVE)}"
+
+
+_DEVICE_ACTIVE = _device_active()
 _BEST = "CASE WHEN progress > ? THEN progress ELSE ? END"  # max(step, progress or 0) for step >= 0
 _PROGRESS_UPGRADING = (
     f"UPDATE tasks SET progress = {_BEST}, step = {_BEST}, desc = ?, updated_at = ?"
@@ -149,7 +155,7 @@ _PROGRESS_CONFIRM = (
     " progress = ?, step = ?, desc = ?, updated_at = ?"
     f" WHERE {_DEVICE_ACTIVE} AND status = '{TaskState.PUBLISHED}'"
 )
-_PROGRESS_EVENT = TASK_EVENT + f" WHERE t.{_DEVICE_ACTIVE.replace(' AND ', ' AND t.')} AND t.updated_at = ?"
+_PROGRESS_EVENT = TASK_EVENT + f" WHERE {_device_active('t')} AND t.updated_at = ?"
 
 
 class TaskSQL(StoreBase):
