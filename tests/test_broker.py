@@ -258,11 +258,7 @@ async def test_takeover_keeps_device_online(server: Server) -> None:
 
 
 async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(server: Server) -> None:
-    dev = await server.device("d1")
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
-    creds = credentials("pk1", "d1", dev["deviceSecret"])
-    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=1))
-    assert (await reader.readexactly(4))[3] == 0
+    reader, writer = await _logged_in_raw(server, keepalive=1)
     await wait_for(lambda: _online_d1(server))
     # Silent from now on: stock amqtt would keep this half-open client "online" forever.
     async with asyncio.timeout(10):
@@ -274,11 +270,7 @@ async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(ser
 async def test_a_client_that_pings_outlives_its_keepalive(server: Server) -> None:
     # One keep-alive timer per connection moves on with each packet: 4 s of PINGREQs every
     # 0.5 s (the broker allows 1.5 x 1 s of silence) keep the connection open and answered.
-    dev = await server.device("d1")
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
-    creds = credentials("pk1", "d1", dev["deviceSecret"])
-    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=1))
-    assert (await reader.readexactly(4))[3] == 0
+    reader, writer = await _logged_in_raw(server, keepalive=1)
     for _ in range(8):
         writer.write(b"\xc0\x00")  # PINGREQ
         async with asyncio.timeout(2):
@@ -289,11 +281,7 @@ async def test_a_client_that_pings_outlives_its_keepalive(server: Server) -> Non
 
 
 async def test_a_packet_stalled_mid_body_counts_as_silence(server: Server) -> None:
-    dev = await server.device("d1")
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
-    creds = credentials("pk1", "d1", dev["deviceSecret"])
-    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=1))
-    assert (await reader.readexactly(4))[3] == 0
+    reader, writer = await _logged_in_raw(server, keepalive=1)
     writer.write(_publish(protocol.topic_for("pk1", "d1", protocol.INFORM), b"{}")[:6])  # never finished
     async with asyncio.timeout(10):
         assert await reader.read() == b""
@@ -366,3 +354,13 @@ async def test_a_closed_connection_is_freed_without_a_full_garbage_collection(se
 
 async def _entry(broker: Any, key: str) -> Any:
     return broker._sessions.get(key)
+
+
+async def _logged_in_raw(server: Server, keepalive: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Device d1 registered and logged in over a raw socket (CONNACK 0 read)."""
+    dev = await server.device("d1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    writer.write(_connect(creds["identifier"], creds["username"], creds["password"], keepalive=keepalive))
+    assert (await reader.readexactly(4))[3] == 0
+    return reader, writer
