@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from otabox.models import (
@@ -46,7 +47,6 @@ from otabox.server.store import DuplicateError, JobLogEntry, Store
 from otabox.server.store.base import IntegrityError, Tx
 from otabox.server.store.dialect import postgres
 from otabox.server.store.migrations import MIGRATIONS
-from otabox.server.store.postgres import PostgresBackend
 from otabox.server.store.webhooks import CURSOR_KEY
 
 
@@ -475,24 +475,29 @@ def _restart(info: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-async def test_postgresql_plans_each_statement_for_the_table_as_it_is_now(postgres_url: str) -> None:
-    """A statement run while its table was small must not keep that plan (a sequential scan) as the
-    table grows: PostgreSQL's default adopts a prepared statement's generic plan after five runs,
-    and importing 50,000 devices in batches took each 500-key lookup from 5 ms to 0.8 s."""
+async def test_postgresql_plans_a_bulk_grown_table_with_its_new_statistics(postgres_url: str) -> None:
+    """A job's creation adds thousands of tasks at once. PostgreSQL keeps a prepared statement's
+    generic plan, made with the statistics of the time: made before the table was analyzed, the
+    push walked a job's pending tasks one by one for each device (index tasks_job_status: a
+    50,000-device push became quadratic) until autovacuum's next analyze."""
     store = await Store.open(postgres_url)
     try:
-        assert isinstance(store.backend, PostgresBackend)
-        await fleet(store, [f"d{i}" for i in range(10)])
-        async with store.backend.pool.acquire() as conn:
-            for _ in range(8):
-                await conn.fetch(
-                    postgres("SELECT device_key FROM devices WHERE product_key = ? AND device_key = ?"), "pk1", "d1"
-                )
-            plans = await conn.fetchrow(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE 'SELECT device_key FROM devices%'"
-            )
-        assert plans is not None and (plans["generic_plans"], plans["custom_plans"]) == (0, 8)
-        # The write connection (the group commit's) plans the same way.
-        assert await store.backend.write.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+        keys = [f"d{i:05d}" for i in range(3000)]
+        await fleet(store, keys)
+        fw = firmware("f1", "2.0")
+        await store.create_firmware(fw)
+        await store.create_job(job("j1", fw), [(dk, "1.0", 0) for dk in keys])
+        publish = (
+            "UPDATE tasks SET status = 'published', published_at = $1 WHERE job_id = $2 AND product_key = $3"
+            " AND device_key = $4 AND status = 'pending'"
+        )
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")  # what a prepared statement ends on
+            await conn.execute(f"PREPARE publish(float8, text, text, text) AS {publish}")
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN EXECUTE publish(1, 'j1', 'pk1', 'd00005')"))
+        finally:
+            await conn.close()
+        assert "tasks_one_active" in plan, plan
     finally:
         await store.close()

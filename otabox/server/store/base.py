@@ -29,6 +29,9 @@ from otabox.server.store.migrations import MIGRATIONS
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Rows inserted at once from which the planner's statistics are refreshed (`StoreBase.grew`);
+# below it autovacuum's own analyze comes soon enough and the scans are short.
+BULK_ROWS = 1000
 
 
 class Row(Protocol):
@@ -80,6 +83,10 @@ class Backend(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    @abstractmethod
+    async def analyze(self, tables: Sequence[str]) -> None:
+        """`tables` just grew by many rows: bring the planner's statistics up to date (`StoreBase.grew`)."""
 
 
 # ------------------------------------------------------------ SQLite
@@ -176,6 +183,10 @@ class SQLiteBackend(Backend):
         run: Callable[..., Coroutine[Any, Any, list[tuple[bool, Any]]]] = self.db._execute
         return await run(_run_batch, self.db._conn, ops)
 
+    async def analyze(self, tables: Sequence[str]) -> None:
+        """Nothing: no statistics are gathered on SQLite, so its plans are the same at every size;
+        without them its planner takes the index matching the most equality terms."""
+
     async def close(self) -> None:
         await self.db.close()
 
@@ -216,6 +227,18 @@ class StoreBase:
             await self.backend.close()
 
     # ------------------------------------------------------------ plumbing
+
+    async def grew(self, rows: int, *tables: str) -> None:
+        """After a bulk insert of `rows` into `tables` (an import, a job's tasks), committed.
+
+        PostgreSQL keeps a prepared statement's generic plan after five runs, planned with the
+        statistics of the time: made while a table was small, it scans an index that does not
+        narrow to one row (a job's pending tasks, one by one: a 50,000-device push became
+        quadratic) until autovacuum's next analyze, a minute or more later. ANALYZE now
+        invalidates those plans; it samples at most 30,000 rows, so it costs tens of ms.
+        """
+        if rows >= BULK_ROWS:
+            await self.backend.analyze(tables)
 
     async def batched(self, op: Op[T]) -> T:
         """Run `await op(tx)` in the next group commit; returns its result or raises its exception.

@@ -156,6 +156,8 @@ async def copy_database(
                 got = await _digest(dst, next(t for t in tables if t.name == expected.name))
                 if got != expected:
                     raise CopyError(f"table {expected.name}: {got.rows} rows in PostgreSQL, {expected.rows} in SQLite")
+            # The nodes' first statements are planned with these statistics (see `StoreBase.grew`).
+            await dst.backend.analyze([t.name for t in tables])
             return copied
         finally:
             await dst.close()

@@ -74,6 +74,7 @@ class JobSQL(StoreBase):
             await insert_tasks(tx, job.id, job.product_key, job.to_version, tasks)
 
         await self.batched(op)
+        await self.grew(len(tasks), "tasks", "events")
 
     async def add_job_task(self, job: Job, dk: str, from_version: str | None, wave: int) -> bool:
         """Add one device to a running incremental job; False when it already has an active task."""

@@ -29,13 +29,6 @@ READ_POOL_SIZE = 8
 CONNECT_TIMEOUT = 10.0
 # Key of the advisory lock that lets one node at a time migrate the schema.
 SCHEMA_LOCK = 0x07AB0C5
-# Every session plans each statement with its parameters (a custom plan). asyncpg prepares
-# every statement, and PostgreSQL's default keeps a statement's generic plan after five runs:
-# one made while a table was small (after `CREATE TABLE`, or before autovacuum's next analyze)
-# is a sequential scan that a growing table keeps paying for. Importing 50,000 devices in
-# batches took a lookup of 500 keys from 5 ms to 0.8 s; a few tenths of a millisecond of
-# planning per statement is the price.
-SESSION_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 
 def _numeric(text: str) -> int | float:
@@ -45,6 +38,12 @@ def _numeric(text: str) -> int | float:
 
 async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("numeric", encoder=str, decoder=_numeric, schema="pg_catalog", format="text")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A read connection going back to the pool is left as it is. asyncpg's default reset (advisory
+    locks, cursors, LISTEN, settings) is a round trip per read, and reads set none of those; an
+    open transaction is still rolled back by the pool itself."""
 
 
 def _rowcount(status: str) -> int:
@@ -95,7 +94,7 @@ class PostgresBackend(Backend):
             max_size=READ_POOL_SIZE,
             init=_init,
             timeout=CONNECT_TIMEOUT,
-            server_settings=SESSION_SETTINGS,
+            reset=_keep_session,
         )
         try:
             write = await cls._connect(url)
@@ -106,13 +105,16 @@ class PostgresBackend(Backend):
 
     @staticmethod
     async def _connect(url: str) -> asyncpg.Connection:
-        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=SESSION_SETTINGS)
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
         await _init(conn)
         return conn
 
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         found: list[Row] = await self.pool.fetch(postgres(sql), *params)
         return found
+
+    async def analyze(self, tables: Sequence[str]) -> None:
+        await self.pool.execute("ANALYZE " + ", ".join(f'"{t}"' for t in tables))
 
     async def run_batch(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
         if self.write.is_closed():  # the server restarted or dropped us: a new connection for this batch

@@ -68,6 +68,7 @@ class RegistrySQL(StoreBase):
                 raise DuplicateError(str(exc)) from exc
 
         await self.batched(op)
+        await self.grew(len(rows), "devices")
 
     async def existing_device_keys(self, product_key: str, device_keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
