@@ -220,7 +220,9 @@ async def test_a_job_and_its_tasks(store: Store) -> None:
     assert await store.succeeded_count("j1") == 1
     done = await store.last_succeeded("pk1", "d0")
     assert done is not None and done.desc == "half way" and done.progress == 50
-    assert await store.rollback_watch_until() == pytest.approx(finished + j.spec.rollback_watch_seconds)
+    # A live job's successes may come at any moment: watched until now + its watch.
+    now = time.time()
+    assert await store.rollback_watch_until(now) == pytest.approx(now + j.spec.rollback_watch_seconds)
     active = await store.active_task("pk1", "d2")
     assert active is not None and active.status == TaskState.PENDING
     tasks, total = await store.list_tasks("j1", None, 10, 0)
@@ -308,8 +310,14 @@ async def test_end_job_is_one_transaction(store: Store) -> None:
     await store.create_job(job("j1", fw), [("d1", None, 0), ("d2", None, 0), ("d3", None, 0)])
     await store.transition("j1", "pk1", "d3", status=TaskState.FAILED, retry_at=time.time() + 60)
     entry = JobLogEntry(JobEvent.ABORTED, "alice", "too many failures")
-    canceled = await store.end_job("j1", JobStatus.ABORTED, entry, (TaskState.PENDING,), time.time())
+    ended_at = time.time()
+    canceled = await store.end_job("j1", JobStatus.ABORTED, entry, (TaskState.PENDING,), ended_at)
     assert canceled == 2
+    # Its successes all came before it ended: watched until then + its watch (from the spec).
+    assert await store.rollback_watch_until(ended_at + 5) == pytest.approx(ended_at + 600)
+    await store.create_job(job("j2", fw, JobSpec(rollback_watch_seconds=7200)), [])
+    await store.end_job("j2", JobStatus.CANCELED, JobLogEntry(JobEvent.CANCELED, "a"), (TaskState.PENDING,), ended_at + 1)
+    assert await store.rollback_watch_until(ended_at + 5) == pytest.approx(ended_at + 1 + 7200)
     assert await store.job_counts("j1") == {TaskState.CANCELED: 2, TaskState.FAILED: 1}
     assert await store.retries_pending("j1") == 0
     ended = await store.get_job("j1")

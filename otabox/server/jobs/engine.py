@@ -85,14 +85,14 @@ class JobEngine:
         self._ids = itertools.count(int(time.time() * 1000) % 10**9)
         self.ticks = 0
         self._live: list[Job] | None = None
-        # Until when some succeeded task is still watched for a rollback: version reports after
-        # that cost no query (the common case once a rollout has settled).
+        # Until when a succeeded task may still be watched for a rollback (an upper bound):
+        # version reports after that cost no query (the common case once a rollout has settled).
         self.watch_until = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.watch_until = await self.store.rollback_watch_until()
+        self.watch_until = await self.store.rollback_watch_until(time.time())
         self._task = asyncio.create_task(self._run(), name="otabox-job-engine")
 
     async def stop(self) -> None:
@@ -151,7 +151,7 @@ class JobEngine:
         self.ticks += 1
         if not self.cluster.leader or not await self.cluster.confirm():
             self._live = None
-            self.watch_until = max(self.watch_until, await self.store.rollback_watch_until())
+            self.watch_until = max(self.watch_until, await self.store.rollback_watch_until(now))
             return
         for task in await self.store.due_tasks(now):
             await self.finish(task, TaskState.TIMEOUT, desc="timed out: no result within timeoutSeconds")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otabox import jobspec
+from otabox.jobspec import DEFAULT_ROLLBACK_WATCH
 from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobEvent, JobStatus, PauseCause, Scope, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import IntegrityError, Op, StoreBase, Tx
@@ -202,15 +203,17 @@ class JobSQL(StoreBase):
         )
         return row["n"] if row else 0
 
-    async def rollback_watch_until(self) -> float:
-        """Until when any succeeded task is still watched for a rollback (0 when none ever was)."""
-        found = await self._all(
-            "SELECT j.*, t.last FROM jobs j JOIN"
-            " (SELECT job_id, MAX(finished_at) AS last FROM tasks WHERE status = ? GROUP BY job_id) t"
-            " ON t.job_id = j.id",
-            (TaskState.SUCCEEDED,),
-        )
-        return max((r["last"] + rows.job(r).spec.rollback_watch_seconds for r in found), default=0.0)
+    async def rollback_watch_until(self, now: float) -> float:
+        """Until when a device's report may still be a rollback of one of the jobs (0 when never).
+
+        An upper bound from the jobs alone: a live job's successes may come at any moment
+        (now + its watch), a finished one's came before it finished. Followers ask on every tick,
+        and the exact answer (the last success of every job) scanned all succeeded tasks: in a
+        10,000-device rollout on three nodes, 10 ms a call and half of PostgreSQL's time.
+        """
+        watch = f"COALESCE(CAST(json_extract(spec, '$.\"rollbackWatchSeconds\"') AS REAL), {DEFAULT_ROLLBACK_WATCH})"
+        row = await self._one(f"SELECT MAX(COALESCE(finished_at, ?) + {watch}) AS until FROM jobs", (now,))
+        return float(row["until"]) if row and row["until"] is not None else 0.0
 
     # ------------------------------------------------------------ scope
 
