@@ -316,7 +316,9 @@ async def test_end_job_is_one_transaction(store: Store) -> None:
     # Its successes all came before it ended: watched until then + its watch (from the spec).
     assert await store.rollback_watch_until(ended_at + 5) == pytest.approx(ended_at + 600)
     await store.create_job(job("j2", fw, JobSpec(rollback_watch_seconds=7200)), [])
-    await store.end_job("j2", JobStatus.CANCELED, JobLogEntry(JobEvent.CANCELED, "a"), (TaskState.PENDING,), ended_at + 1)
+    await store.end_job(
+        "j2", JobStatus.CANCELED, JobLogEntry(JobEvent.CANCELED, "a"), (TaskState.PENDING,), ended_at + 1
+    )
     assert await store.rollback_watch_until(ended_at + 5) == pytest.approx(ended_at + 1 + 7200)
     assert await store.job_counts("j1") == {TaskState.CANCELED: 2, TaskState.FAILED: 1}
     assert await store.retries_pending("j1") == 0

@@ -102,6 +102,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest MQTT packet accepted (bytes); a client announcing a larger one is disconnected.",
     ),
     Setting("connect_timeout", float, 10.0, "Seconds a new MQTT connection has to send CONNECT."),
+    # Past it a node refuses connections rather than run out of descriptors for its database,
+    # downloads and files (a node at its limit lost its database connections, then its lead).
+    Setting(
+        "mqtt_max_connections",
+        int,
+        0,
+        "MQTT connections a node holds at most; more are closed at once (devices retry). "
+        "0: 90% of what the open files limit leaves.",
+    ),
     Setting(
         "login_fail_limit",
         int,
@@ -163,6 +172,7 @@ class Settings:
     download_token_ttl: float = 7 * 24 * 3600.0
     mqtt_max_packet_bytes: int = 1024**2
     connect_timeout: float = 10.0
+    mqtt_max_connections: int = 0
     login_fail_limit: int = 10
     login_fail_window: float = 60.0
     scheduler_interval: float = 1.0
@@ -268,9 +278,15 @@ def load(
         raise SettingsError("max_upload_bytes must be positive")
     if values["delta_algorithm"] not in delta.FORMATS:
         raise SettingsError(f"delta_algorithm must be one of {', '.join(delta.FORMATS)}")
+    _check_mqtt(values)
+    return Settings(**values)
+
+
+def _check_mqtt(values: dict[str, Any]) -> None:
     if values["mqtt_max_packet_bytes"] < 1024:
         raise SettingsError("mqtt_max_packet_bytes must be at least 1024")
-    return Settings(**values)
+    if values["mqtt_max_connections"] < 0:
+        raise SettingsError("mqtt_max_connections must be 0 (from the open files limit) or more")
 
 
 PORTS = ("http_port", "mqtt_port", "mqtts_port", "https_port")

@@ -36,6 +36,9 @@ Every override below names the amqtt behaviour it replaces. amqtt is pinned exac
   closed socket; asyncio's own TLS server logs nothing and has no such deadline), then the
   connection is served as on the plain listener, with the client certificate (if any) handed
   to `authenticate`.
+- `max_connections`: a connection over the cap is closed before anything is read from it (stock's
+  listener `max_connections` makes it wait, holding its descriptor), so the node keeps
+  descriptors for its database, downloads and files.
 - Will messages of devices are not published (devices may only use their own topics and
   nobody else subscribes to them); stock broadcast them.
 
@@ -50,6 +53,7 @@ import asyncio
 import logging
 import math
 import ssl
+import time
 from asyncio import sslproto
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -76,6 +80,8 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_REFUSED = 0x80
 # Pending connections the kernel queues for us (capped by net.core.somaxconn).
 LISTEN_BACKLOG = 4096
+# Seconds between two warnings about connections refused at `max_connections`.
+REFUSAL_REPORT_EVERY = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +178,12 @@ class OtaBroker(Broker):
         port: int | None,
         connect_timeout: float,
         max_packet: int,
+        max_connections: int = 0,
         tls: ssl.SSLContext | None = None,
         tls_port: int | None = None,
     ) -> None:
-        """`port` None: no plain listener; `tls` with `tls_port`: the MQTT-over-TLS listener."""
+        """`port` None: no plain listener; `tls` with `tls_port`: the MQTT-over-TLS listener;
+        `max_connections` 0: no cap."""
         # amqtt needs a "default" listener; without a bind it starts none (plain MQTT off).
         bind = f"{host}:{port}" if port is not None else None
         config = {
@@ -188,6 +196,10 @@ class OtaBroker(Broker):
         self.outbox = outbox
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
+        self.max_connections = max_connections
+        self.connections_refused = 0  # at the cap (also read by tests)
+        self._refusals_reported = 0
+        self._refusal_reported_at = 0.0
         self.host = host
         self.tls = tls
         self._tls_port = tls_port
@@ -271,6 +283,9 @@ class OtaBroker(Broker):
         if server is None:
             await writer.close()
             return
+        if self.max_connections and sum(s.conn_count for s in self._servers.values()) >= self.max_connections:
+            self._refuse(writer)
+            return
         await server.acquire_connection()
         handed_over = False
         try:
@@ -283,6 +298,22 @@ class OtaBroker(Broker):
             if not handed_over:  # else _finish does this when the connection ends
                 release_socket(writer)  # however the connection ended
                 server.release_connection()
+
+    def _refuse(self, writer: WriterAdapter) -> None:
+        """Close a connection over the cap at once, before reading anything: its descriptor is
+        given back, and the device's client retries later or elsewhere (another node)."""
+        release_socket(writer)
+        self.connections_refused += 1
+        now = time.monotonic()
+        if now - self._refusal_reported_at >= REFUSAL_REPORT_EVERY:
+            log.warning(
+                "%d MQTT connection(s) refused: %d open, mqtt_max_connections %d (add a node, or raise the"
+                " open files limit: LimitNOFILE=)",
+                self.connections_refused - self._refusals_reported,
+                sum(s.conn_count for s in self._servers.values()),
+                self.max_connections,
+            )
+            self._refusals_reported, self._refusal_reported_at = self.connections_refused, now
 
     async def _serve(self, reader: ReaderAdapter, writer: WriterAdapter, server: Server) -> bool:
         """Log the client in and set its connection up; True once it is handed over to its
