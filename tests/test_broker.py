@@ -257,6 +257,41 @@ async def test_takeover_keeps_device_online(server: Server) -> None:
         assert (await server.call("GET", "/products/pk1/devices/d1", 200))["online"] is True
 
 
+async def test_a_takeover_does_not_wait_for_the_old_connections_offline_write(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device reconnects while commits are slow (a rollout's progress reports ahead in the
+    group commit): the new connection is served at once, not after the old connection's
+    offline write committed (it waited up to 5 s, with two sockets held), and the writes
+    commit in their order: the device ends online."""
+    dev = await server.device("d1")
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    login = _connect(creds["identifier"], creds["username"], creds["password"])
+    _, first = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    first.write(login)
+    await wait_for(lambda: _online_d1(server))
+    backend = server.store.backend
+    run_batch = backend.run_batch
+
+    async def slow(ops: list[Any]) -> list[tuple[bool, Any]]:
+        await asyncio.sleep(6)  # longer than the take-over's 5 s
+        return await run_batch(ops)
+
+    backend.run_batch = slow  # type: ignore[method-assign]
+    try:
+        reader, second = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+        second.write(login)
+        async with asyncio.timeout(3):
+            assert (await reader.readexactly(4))[3] == 0  # CONNACK: served, not waiting
+    finally:
+        backend.run_batch = run_batch  # type: ignore[method-assign]
+    await asyncio.sleep(7)  # the writes queued behind the slow batch commit
+    assert await _online_d1(server)
+    assert not [r for r in caplog.records if "did not close in time" in r.getMessage()]
+    first.close()
+    second.close()
+
+
 async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(server: Server) -> None:
     reader, writer = await _logged_in_raw(server, keepalive=1)
     await wait_for(lambda: _online_d1(server))

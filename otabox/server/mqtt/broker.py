@@ -390,14 +390,26 @@ class OtaBroker(Broker):
             if session.transitions.is_connected():
                 await self._stop_handler(handler)
                 session.transitions.disconnect()
+                # Let go before the hook, not after its commit: the hook queues its offline
+                # write in this same step, so a take-over woken by `ended` queues the device's
+                # online write after it, without waiting seconds for a group commit behind a
+                # rollout's progress reports (meanwhile the device held two sockets, and the
+                # take-over gave up after 5 s with the writes in either order).
+                self._let_go(key, handler, server)
                 await self._call_hook(self.hooks.device_disconnected(pk, dk))
         finally:
-            if self._served.get(key) is handler:
-                del self._served[key]
-            if server is not None and handler.writer is not None:
-                release_socket(handler.writer)  # however the connection ended
-                server.release_connection()
-            handler.set_ended()
+            self._let_go(key, handler, server)
+
+    def _let_go(self, key: str, handler: Handler, server: Server | None) -> None:
+        """The connection is gone for the broker (once): its socket, count and session slot."""
+        if handler.has_ended:
+            return
+        if self._served.get(key) is handler:
+            del self._served[key]
+        if server is not None and handler.writer is not None:
+            release_socket(handler.writer)  # however the connection ended
+            server.release_connection()
+        handler.set_ended()
 
     async def _take_over(self, key: str) -> None:
         """Close the device's live connection (MQTT-3.1.4-2) and wait until it is fully gone."""
@@ -466,6 +478,7 @@ class OtaBroker(Broker):
                     session.transitions.disconnect()
                     if item.packet is None and session.will_flag:
                         log.info("%s/%s dropped; its will message is not published (devices only)", pk, dk)
+                    self._let_go(session.client_id or "", handler, server)  # before the hook: see _finish
                     await self._call_hook(self.hooks.device_disconnected(pk, dk))
                     await self._finish(session, handler, pk, dk, server)
                     return

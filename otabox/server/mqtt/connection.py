@@ -700,6 +700,10 @@ class Handler(BrokerProtocolHandler):
                 self._ended.set_result(None)
         return self._ended
 
+    @property
+    def has_ended(self) -> bool:
+        return self._has_ended
+
     def set_ended(self) -> None:
         self._has_ended = True
         if self._ended is not None and not self._ended.done():
