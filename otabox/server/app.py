@@ -10,7 +10,6 @@ Stop runs in reverse and is idempotent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import gc
 import json
@@ -65,9 +64,6 @@ GC_FULL_EVERY = 300.0
 HTTP_BACKLOG = 1024
 # Open files a server needs besides its devices' sockets (database, firmware, HTTP clients, logs).
 SPARE_FILES = 100
-# Of the rest, the share MQTT connections may hold: a download holds two (its socket and the
-# file), and a device that reboots holds two sockets until its old connection has closed.
-MQTT_SHARE = 0.9
 
 
 class App:
@@ -457,11 +453,6 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def device_capacity(files: int) -> int:
-    """MQTT connections a process with `files` open files may hold (`mqtt_max_connections` 0)."""
-    return max(1, int((files - SPARE_FILES) * MQTT_SHARE))
-
-
 def _default_public_url(scheme: str, host: str, port: int) -> str:
     if host in ("", "0.0.0.0", "::"):
         try:
@@ -477,12 +468,10 @@ def _default_public_url(scheme: str, host: str, port: int) -> str:
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
     files = raise_open_files_limit()
-    if not settings.mqtt_max_connections:
-        settings = dataclasses.replace(settings, mqtt_max_connections=device_capacity(files))
     log.info(
-        "open files limit %d: room for %d connected devices (raise the hard limit for more: LimitNOFILE=)",
+        "open files limit %d: room for about %d connected devices (raise the hard limit for more: LimitNOFILE=)",
         files,
-        settings.mqtt_max_connections,
+        settings.mqtt_max_connections or max(0, files - SPARE_FILES),
     )
     app = App(settings)
     stop = asyncio.Event()

@@ -104,12 +104,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", float, 10.0, "Seconds a new MQTT connection has to send CONNECT."),
     # Past it a node refuses connections rather than run out of descriptors for its database,
     # downloads and files (a node at its limit lost its database connections, then its lead).
+    # Off by default: devices that retry at once turn refusals into a storm of their own.
     Setting(
         "mqtt_max_connections",
         int,
         0,
-        "MQTT connections a node holds at most; more are closed at once (devices retry). "
-        "0: 90% of what the open files limit leaves.",
+        "MQTT connections a node holds at most; more are closed at once (devices retry). 0: no cap.",
     ),
     Setting(
         "login_fail_limit",
@@ -286,7 +286,7 @@ def _check_mqtt(values: dict[str, Any]) -> None:
     if values["mqtt_max_packet_bytes"] < 1024:
         raise SettingsError("mqtt_max_packet_bytes must be at least 1024")
     if values["mqtt_max_connections"] < 0:
-        raise SettingsError("mqtt_max_connections must be 0 (from the open files limit) or more")
+        raise SettingsError("mqtt_max_connections must be 0 (no cap) or more")
 
 
 PORTS = ("http_port", "mqtt_port", "mqtts_port", "https_port")
