@@ -237,8 +237,16 @@ class StoreBase:
         quadratic) until autovacuum's next analyze, a minute or more later. ANALYZE now
         invalidates those plans; it samples at most 30,000 rows, so it costs tens of ms.
         """
-        if rows >= BULK_ROWS:
+        if rows < BULK_ROWS:
+            return
+        try:
             await self.backend.analyze(tables)
+        except Exception as exc:  # the rows are committed: the caller's answer must say so
+            log.warning(
+                "could not analyze %s after a bulk insert (plans may be slow until autovacuum's): %r",
+                ", ".join(tables),
+                exc,
+            )
 
     async def batched(self, op: Op[T]) -> T:
         """Run `await op(tx)` in the next group commit; returns its result or raises its exception.
