@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from otabox import jobspec
-from otabox.jobspec import DEFAULT_ROLLBACK_WATCH
 from otabox.models import ACTIVE, LIVE_JOBS, Device, Job, JobEvent, JobStatus, PauseCause, Scope, TaskState, sql_list
 from otabox.server.store import rows
 from otabox.server.store.base import IntegrityError, Op, StoreBase, Tx
@@ -209,9 +208,10 @@ class JobSQL(StoreBase):
         An upper bound from the jobs alone: a live job's successes may come at any moment
         (now + its watch), a finished one's came before it finished. Followers ask on every tick,
         and the exact answer (the last success of every job) scanned all succeeded tasks: in a
-        10,000-device rollout on three nodes, 10 ms a call and half of PostgreSQL's time.
+        10,000-device rollout on three nodes, 10 ms a call, 33 s of PostgreSQL's time.
         """
-        watch = f"COALESCE(CAST(json_extract(spec, '$.\"rollbackWatchSeconds\"') AS REAL), {DEFAULT_ROLLBACK_WATCH})"
+        default = jobspec.DEFAULT_ROLLBACK_WATCH
+        watch = f"COALESCE(CAST(json_extract(spec, '$.\"rollbackWatchSeconds\"') AS REAL), {default})"
         row = await self._one(f"SELECT MAX(COALESCE(finished_at, ?) + {watch}) AS until FROM jobs", (now,))
         return float(row["until"]) if row and row["until"] is not None else 0.0
 
