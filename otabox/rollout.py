@@ -197,10 +197,15 @@ def rolled_back(
 
 
 def inform_outcome(version: str, from_version: str | None, to_version: str) -> tuple[TaskState, str] | None:
-    """(status, desc) an inform causes for an in-flight task, or None for no change."""
+    """(status, desc) an inform causes for an in-flight task, or None for no change.
+
+    A task whose source version is unknown (the device had not reported one when the job was
+    made) takes the first other version reported as its source: a device that has just
+    connected reports what it runs, and that report can cross the push it is about to get.
+    """
     if version == to_version:
         return TaskState.SUCCEEDED, f"running {version}"
-    if from_version is not None and version == from_version:
+    if from_version is None or version == from_version:
         return None
     return TaskState.FAILED, f"unexpected version {version}"
 

@@ -351,6 +351,42 @@ async def test_waves_pause_below_success_ratio_then_resume(server: Server, fw: d
         await d.close()
 
 
+async def test_a_device_with_no_known_version_takes_its_first_report_as_the_source(
+    server: Server, fw: dict[str, Any]
+) -> None:
+    """A device that never reported a version gets a task with no source version. Its first
+    report after connecting can cross the push: that report is the version it is leaving, not
+    an unexpected one (before, the task failed and the device's progress got 404)."""
+    devs = await fleet(server, {"first": "", "second": ""})
+    j = await job(server, fw, maxConcurrency=1)
+    assert {t["fromVersion"] for t in (await server.call("GET", f"/jobs/{j['id']}/tasks", 200))["items"]} == {None}
+    first = await devs["first"].connect()  # no inform yet: the push is on its way first
+    await first.push()
+    assert (await task(server, j["id"], "first"))["status"] == "published"
+    assert (await first.call(protocol.INFORM, {"version": "1.0"}))["code"] == 200
+    t = await task(server, j["id"], "first")
+    assert (t["status"], t["fromVersion"]) == ("published", "1.0")
+    assert (await first.call(protocol.PROGRESS, {"step": "50"}))["code"] == 200
+    assert (await first.call(protocol.INFORM, {"version": "1.0"}))["code"] == 200  # now its source: rebooting
+    assert (await task(server, j["id"], "first"))["status"] == "upgrading"
+    second = await devs["second"].connect("1.1")  # pending behind the cap: learned for its push
+    t = await task(server, j["id"], "second")
+    assert (t["status"], t["fromVersion"]) == ("pending", "1.1")
+    await first.call(protocol.INFORM, {"version": "2.0"})
+    await task_is(server, j["id"], "first", "succeeded")
+    await second.upgrade()
+    done = await status_is(server, j["id"], "completed")
+    assert done["counts"]["succeeded"] == 2
+    log = [
+        json.loads(line) for line in (await server.call("GET", f"/events?jobId={j['id']}", 200)).decode().splitlines()
+    ]
+    # Its task was made without one; every event after its report carries the learned version.
+    versions = {e["status"]: e["fromVersion"] for e in log if e["deviceKey"] == "second"}
+    assert versions == {"pending": None, "published": "1.1", "upgrading": "1.1", "succeeded": "1.1"}
+    await first.close()
+    await second.close()
+
+
 async def test_unexpected_version_fails_and_upgrade_reply_refusal(server: Server, fw: dict[str, Any]) -> None:
     devs = await fleet(server, {"wrong": "1.0", "refuses": "1.0"})
     wrong, refuses = await devs["wrong"].connect("1.0"), await devs["refuses"].connect("1.0")

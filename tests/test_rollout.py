@@ -88,6 +88,8 @@ def test_retry_and_inform_outcome() -> None:
     assert rollout.inform_outcome("2.0", "1.0", "2.0") == ("succeeded", "running 2.0")
     assert rollout.inform_outcome("1.0", "1.0", "2.0") is None
     assert rollout.inform_outcome("9", "1.0", "2.0") == ("failed", "unexpected version 9")
+    assert rollout.inform_outcome("9", None, "2.0") is None  # no known source: this is it
+    assert rollout.inform_outcome("2.0", None, "2.0") == ("succeeded", "running 2.0")
 
 
 def test_scope() -> None:

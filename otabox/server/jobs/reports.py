@@ -49,9 +49,13 @@ class DeviceReports:
                 await self.engine.finish(
                     task, TaskState.SUCCEEDED, desc=f"already running {version}", expect=(TaskState.PENDING,)
                 )
+            elif task.from_version is None:
+                await self.store.learn_source_version(product_key, device_key, version)  # its push's delta
             return
         outcome = rollout.inform_outcome(version, task.from_version, task.to_version)
         if outcome is None:
+            if task.from_version is None:
+                await self.store.learn_source_version(product_key, device_key, version)
             return
         status, desc = outcome
         if status == TaskState.SUCCEEDED:
