@@ -304,14 +304,14 @@ def waiting(
     counts: dict[TaskState, int],
     *,
     open_wave_pending: int,
-    online_pending: int,
+    any_online_pending: bool,
     tokens: int,
     now: float,
 ) -> WaitState | None:
     """Why nothing moves, or None while something can (or nothing is left to do).
 
-    `open_wave_pending` counts pending tasks in the waves already open, `online_pending` those
-    of them whose device is online; `tokens` is what the rate limit allows now.
+    `open_wave_pending` counts pending tasks in the waves already open, `any_online_pending`
+    says whether the device of one of them is online; `tokens` is what the rate limit allows now.
     """
     if status == JobStatus.PAUSED:
         return WaitState(Waiting.WAVE_GATE if cause == PauseCause.WAVE_GATE else Waiting.PAUSED)
@@ -330,6 +330,6 @@ def waiting(
         return WaitState(Waiting.RATE_LIMITED)
     if spec.mode == JobMode.REQUEST:
         return WaitState(Waiting.AWAITING_REQUESTS)
-    if not online_pending:
+    if not any_online_pending:
         return WaitState(Waiting.DEVICES_OFFLINE)
     return None

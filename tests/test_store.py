@@ -202,8 +202,14 @@ async def test_a_job_and_its_tasks(store: Store) -> None:
     assert await store.job_counts("j1") == {TaskState.PENDING: 6}
     assert await store.wave_counts("j1") == {1: {TaskState.PENDING: 3}, 2: {TaskState.PENDING: 3}}
     await store.set_device_online("pk1", "d0", True)
-    assert await store.pending_in_waves("j1", 1) == (3, 1)
-    assert all(type(n) is int for n in await store.pending_in_waves("j1", 2))
+    assert await store.pending_in_waves("j1", 1) == 3 and await store.pending_in_waves("j1", 2) == 6
+    assert type(await store.pending_in_waves("j1", 2)) is int
+    assert await store.pending_online("j1", 1)
+    await store.set_device_online("pk1", "d0", False)
+    await store.set_device_online("pk1", "d4", True)
+    assert not await store.pending_online("j1", 1) and await store.pending_online("j1", 2)
+    await store.set_device_online("pk1", "d4", False)
+    await store.set_device_online("pk1", "d0", True)
     assert [t.device_key for t in await store.pushable_tasks("j1", 2, 10)] == ["d0"]
     moved = await store.publish_tasks("j1", "pk1", ["d0", "d1"], time.time(), time.time() - 1)
     assert moved == ["d0", "d1"]

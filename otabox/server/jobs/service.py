@@ -200,14 +200,17 @@ class JobService:
         if job.status not in LIVE_JOBS:
             return None
         wave = max(1, job.current_wave) if job.spec.waves else 0
-        open_pending, online = await self.store.pending_in_waves(job.id, wave)
+        pending = counts.get(TaskState.PENDING, 0)
+        # Without waves every pending task is in the open "wave": the counts say how many.
+        open_pending = await self.store.pending_in_waves(job.id, wave) if job.spec.waves and pending else pending
+        online = bool(open_pending) and await self.store.pending_online(job.id, wave)
         return rollout.waiting(
             job.status,
             job.pause_cause,
             job.spec,
             counts,
             open_wave_pending=open_pending,
-            online_pending=online,
+            any_online_pending=online,
             tokens=self.engine.tokens(job, now),
             now=now,
         )

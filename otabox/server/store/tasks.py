@@ -198,15 +198,24 @@ class TaskSQL(StoreBase):
             )
         )
 
-    async def pending_in_waves(self, job_id: str, max_wave: int) -> tuple[int, int]:
-        """(pending tasks in waves up to `max_wave`, those of them whose device is online)."""
+    async def pending_in_waves(self, job_id: str, max_wave: int) -> int:
+        """Pending tasks in waves up to `max_wave` (the index alone: no device is read)."""
         row = await self._one(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(d.online), 0) AS online FROM tasks t"
-            " JOIN devices d ON d.product_key = t.product_key AND d.device_key = t.device_key"
-            " WHERE t.job_id = ? AND t.status = ? AND t.wave <= ?",
+            "SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND status = ? AND wave <= ?",
             (job_id, TaskState.PENDING, max_wave),
         )
-        return (row["n"], row["online"]) if row else (0, 0)
+        return int(row["n"]) if row else 0
+
+    async def pending_online(self, job_id: str, max_wave: int) -> bool:
+        """Whether a pending task in waves up to `max_wave` has its device online. It stops at the
+        first (counting them joined every pending task with its device: ~100 ms at 50,000)."""
+        row = await self._one(
+            "SELECT 1 AS hit FROM tasks t"
+            " JOIN devices d ON d.product_key = t.product_key AND d.device_key = t.device_key"
+            " WHERE t.job_id = ? AND t.status = ? AND t.wave <= ? AND d.online = 1 LIMIT 1",
+            (job_id, TaskState.PENDING, max_wave),
+        )
+        return row is not None
 
     async def last_succeeded(self, pk: str, dk: str) -> Task | None:
         """The device's most recently succeeded task (index tasks_device_succeeded)."""
