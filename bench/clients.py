@@ -450,7 +450,9 @@ class StormProcesses:
         timeout: float = 300.0,
     ) -> StormProcesses:
         """`devices`: (key, secret, certificate PEM or None, private key PEM or None); `spec`: host, port,
-        pk, ts, ca, concurrency (split between the processes), timeout. Returns once all are ready."""
+        pk, ts, ca (None: plain MQTT), concurrency (split between the processes), timeout; `ports`
+        instead of `port` sends process i to ports[i % len(ports)] (one node each). Returns once
+        all are ready."""
         k = max(1, min(processes, len(devices)))
         procs = []
         try:
@@ -461,6 +463,8 @@ class StormProcesses:
                 )  # fmt: skip
                 procs.append(proc)
                 share = dict(spec, devices=[list(d) for d in devices[i::k]])
+                if "ports" in spec:
+                    share["port"] = spec["ports"][i % len(spec["ports"])]
                 share["concurrency"] = max(1, spec["concurrency"] // k)
                 assert proc.stdin is not None
                 proc.stdin.write(json.dumps(share).encode() + b"\n")
@@ -504,6 +508,47 @@ class StormProcesses:
             "processes": len(parts),
             "clientCpuSeconds": round(sum(p["cpuSeconds"] for p in parts), 2),
             "tlsVersion": next((p["tlsVersion"] for p in parts if p["tlsVersion"]), None),
+        }
+
+    async def inform(self, version: str, timeout: float) -> dict[str, Any]:
+        """Every connected device reports `version` (see `calls`), over all the processes."""
+        return self._span(await self._all(f"inform {version}".encode(), timeout + 30))
+
+    async def pushes(self, timeout: float) -> dict[str, Any]:
+        """Wait until every connected device has had a push (see `wait_pushes`): notified, of, seconds."""
+        parts = await self._all(f"pushes {timeout}".encode(), timeout + 30)
+        notified = sum(p["notified"] for p in parts)
+        seconds = max(p["last"] for p in parts) - min(p["first"] for p in parts)
+        return {
+            "notified": notified,
+            "of": sum(p["of"] for p in parts),
+            "seconds": round(seconds, 3),
+            "perSecond": round(notified / seconds, 1) if seconds > 0 else None,
+            "complete": all(p["complete"] for p in parts),
+        }
+
+    async def progress(self, per_device: int, timeout: float) -> dict[str, Any]:
+        """Every pushed device sends `per_device` progress reports, each after the previous reply."""
+        return self._span(await self._all(f"progress {per_device}".encode(), timeout + 30))
+
+    @staticmethod
+    def _span(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The processes' `calls` results as one: from the first request sent to the last reply."""
+        ok = sum(p["ok"] for p in parts)
+        seconds = max(p["last"] for p in parts) - min(p["first"] for p in parts)
+        codes: dict[str, int] = {}
+        for p in parts:
+            for code, n in p["codes"].items():
+                codes[code] = codes.get(code, 0) + n
+        return {
+            "devices": sum(p["devices"] for p in parts),
+            "sent": sum(p["sent"] for p in parts),
+            "ok": ok,
+            "codes": codes,
+            "seconds": round(seconds, 3),
+            "perSecond": round(ok / seconds, 1) if seconds > 0 else None,
+            "complete": all(p["complete"] for p in parts),
+            "clientCpuSeconds": round(sum(p["cpuSeconds"] for p in parts), 2),
         }
 
     async def disconnect(self) -> None:

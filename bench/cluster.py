@@ -26,6 +26,7 @@ and, in words, to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import os
@@ -38,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.clients import StormProcesses
 from bench.servers import CLK_TCK, REPO, Proc, _cpu, _spawn, free_port, raise_nofile
 from otabox.cli.client import Client
 from otabox.cli.simulate import create_devices
@@ -339,19 +341,12 @@ def run_layout(
     layout: str, args: argparse.Namespace, work: Path, pg: dict[str, Any] | None, result: dict[str, Any]
 ) -> dict[str, Any]:
     """Fills `result` as it goes (a failed layout keeps what was measured before it failed)."""
-    backend, count = layout_nodes(layout)
-    folder = work / layout
-    folder.mkdir()
-    url = new_database(pg["url"], f"bench_{layout}") if backend == "pg" and pg else None
-    pg_pid = int((Path(pg["dir"]) / "data" / "postmaster.pid").read_text().split()[0]) if url and pg else None
+    count = layout_nodes(layout)[1]
+    folder, url, pg_pid = layout_database(layout, work, pg, args, result)
     nodes: list[Node] = []
     sims: list[Proc] = []
-    result.update({"layout": layout, "nodes": count, "devices": args.devices, "sims": args.sims})
-    result["backend"] = "sqlite" if backend == "sqlite" else "postgresql"
     try:
-        for i in range(count):
-            nodes.append(Node(folder, f"node{i + 1}", url, args.node_timeout))
-            wait(f"node{i + 1} ready", nodes[-1].ready, 60)  # one at a time: the first makes the schema
+        start_nodes(nodes, folder, url, count, args)
         api = nodes[0].client
         api.post("/products", {"productKey": PK, "name": "bench fleet"})
         log(f"{layout}: creating {args.devices} devices")
@@ -464,6 +459,121 @@ def run_layout(
             n.proc.stop(30)
 
 
+def layout_database(
+    layout: str, work: Path, pg: dict[str, Any] | None, args: argparse.Namespace, result: dict[str, Any]
+) -> tuple[Path, str | None, int | None]:
+    """The layout's folder, its fresh PostgreSQL database (None on SQLite) and PostgreSQL's pid."""
+    backend, count = layout_nodes(layout)
+    folder = work / layout
+    folder.mkdir()
+    url = new_database(pg["url"], f"bench_{layout}") if backend == "pg" and pg else None
+    pg_pid = int((Path(pg["dir"]) / "data" / "postmaster.pid").read_text().split()[0]) if url and pg else None
+    result.update({"layout": layout, "nodes": count, "devices": args.devices, "sims": args.sims})
+    result["backend"] = "sqlite" if backend == "sqlite" else "postgresql"
+    return folder, url, pg_pid
+
+
+def start_nodes(nodes: list[Node], folder: Path, url: str | None, count: int, args: argparse.Namespace) -> None:
+    """Start `count` nodes into `nodes` (the caller stops them, also those started before a failure)."""
+    for i in range(count):
+        nodes.append(Node(folder, f"node{i + 1}", url, args.node_timeout))
+        wait(f"node{i + 1} ready", nodes[-1].ready, 60)  # one at a time: the first makes the schema
+
+
+def run_progress(
+    layout: str, args: argparse.Namespace, work: Path, pg: dict[str, Any] | None, result: dict[str, Any]
+) -> dict[str, Any]:
+    """`--figure progress`: the progress figure of `python -m bench`, on the layout's nodes.
+
+    The devices are `bench.stormclient` processes (`--sims` of them, process i connected to
+    node i % nodes): they connect, report 1.0.0, get the push of one job over all of them, then
+    each sends `--progress-reports` reports, each after the previous reply (a reply is sent once
+    the report's event is committed), `--connect-concurrency` devices in flight per process.
+    The rate is from the first report sent to the last reply, over all the processes; the events
+    stored in that time are counted through the API.
+    """
+    count = layout_nodes(layout)[1]
+    folder, url, pg_pid = layout_database(layout, work, pg, args, result)
+    nodes: list[Node] = []
+    try:
+        start_nodes(nodes, folder, url, count, args)
+        api = nodes[0].client
+        api.post("/products", {"productKey": PK, "name": "bench fleet"})
+        log(f"{layout}: creating {args.devices} devices")
+        devices = create_devices(api, PK, args.devices, "d-", "1.0.0")
+        image = folder / "fw.bin"
+        image.write_bytes(os.urandom(args.image_kb * 1024))
+        fw = api.upload_firmware(PK, image, {"name": "bench", "version": "2.0.0"})
+        time.sleep(3)  # the import's garbage settled
+        asyncio.run(_progress_phases(nodes, api, devices, fw, args, pg_pid, url, result))
+        log(f"{layout}: {json.dumps(result)}")
+        return result
+    finally:
+        for n in nodes:
+            n.proc.stop(30)
+
+
+async def _progress_phases(
+    nodes: list[Node],
+    api: Client,
+    devices: list[tuple[str, str, str]],
+    fw: dict[str, Any],
+    args: argparse.Namespace,
+    pg_pid: int | None,
+    url: str | None,
+    result: dict[str, Any],
+) -> None:
+    spec = {
+        "host": "127.0.0.1",
+        "ports": [n.mqtt for n in nodes],
+        "pk": PK,
+        "ts": str(int(time.time() * 1000)),
+        "ca": None,
+        "concurrency": args.connect_concurrency * args.sims,  # split between the processes
+        "timeout": args.max_seconds,
+    }
+    procs = await StormProcesses.start(args.sims, [(k, secret, None, None) for k, secret, _ in devices], spec)
+    try:
+        meter = Meter(nodes, [], pg_pid)
+        storm = await procs.storm(args.max_seconds)
+        result["storm"] = {**storm, "cpuSeconds": meter.stop()}
+        log(f"storm: {storm['connected']} connected in {storm['seconds']:.1f} s")
+        inform = await procs.inform("1.0.0", args.max_seconds)
+        result["inform"] = inform
+        log(f"informs: {inform['ok']} answered in {inform['seconds']:.1f} s")
+        meter = Meter(nodes, [], pg_pid)
+        job = api.post("/jobs", {"firmwareId": fw["id"], "name": "bench", "scope": {"versionNumbers": ["1.0.0"]}})
+        push = await procs.pushes(args.max_seconds)
+        result["push"] = {**push, "jobTotal": job["total"], "cpuSeconds": meter.stop()}
+        log(f"push: {push['notified']} of {push['of']} notified in {push['seconds']:.1f} s")
+        if url:
+            await asyncio.sleep(11)  # idle backends flush their statistics within 10 s (PGSTAT_IDLE_INTERVAL)
+            db0 = pg_stats(url)
+        meter = Meter(nodes, [], pg_pid)
+        wall0 = time.time()
+        progress = await procs.progress(args.progress_reports, args.max_seconds)
+        cpu = meter.stop()
+        lines = api.get("/events", jobId=job["id"]).splitlines()  # JSON lines: text
+        stored = sum(1 for line in lines if epoch(json.loads(line)["ts"]) >= wall0)
+        result["progress"] = {**progress, "eventsStored": stored, "cpuSeconds": cpu}
+        if url:
+            await asyncio.sleep(11)
+            db1 = pg_stats(url)
+            delta = {k: db1[k] - db0[k] for k in db0 if k != "bytes"}
+            result["database"] = {
+                "during progress": delta,
+                "commitsPerSecond": round(delta["xact_commit"] / progress["seconds"], 1),
+            }
+        log(
+            f"progress: {progress['ok']} of {progress['sent']} answered 200 in {progress['seconds']:.1f} s"
+            f" ({progress['perSecond']}/s); {stored} events stored; codes {progress['codes']}"
+        )
+        api.post(f"/jobs/{job['id']}/cancel", {})
+        await procs.disconnect()
+    finally:
+        await procs.close()
+
+
 SIM_KEYS = ("devices", "elapsedSeconds", "stoppedBy", "outcomes", "reconnects", "connectFailures", "connectSeconds")
 
 
@@ -479,9 +589,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of each phase [900]")
     p.add_argument("--max-concurrency", type=int, help="the job's maxConcurrency (upgrades in flight) [none]")
     p.add_argument("--node-timeout", type=float, help="the nodes' --node-timeout, seconds [the server's, 15]")
-    p.add_argument("--json", default=str(REPO / "bench" / "cluster-results.json"))
+    p.add_argument(
+        "--figure",
+        choices=("rollout", "progress"),
+        default="rollout",
+        help="rollout: `otabox simulate` devices upgrade for real; progress: devices in bench.stormclient"
+        " processes send progress reports only (the progress figure of `python -m bench`) [rollout]",
+    )
+    p.add_argument("--progress-reports", type=int, default=5, help="--figure progress: reports per device [5]")
+    p.add_argument("--json", help="results file [bench/cluster-results.json; bench/cluster-progress.json]")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, data dirs)")
     args = p.parse_args(argv)
+    if args.json is None:
+        name = "cluster-results.json" if args.figure == "rollout" else "cluster-progress.json"
+        args.json = str(REPO / "bench" / name)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     try:
         most = max(layout_nodes(layout)[1] for layout in layouts)
@@ -502,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         "sims": args.sims,
         "nodeTimeout": args.node_timeout,
         "maxConcurrency": args.max_concurrency,
+        "figure": args.figure,
         "results": [],
     }
     failed = 0
@@ -510,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, Any] = {"layout": layout}
             out["results"].append(result)
             try:
-                run_layout(layout, args, work, pg, result)
+                (run_layout if args.figure == "rollout" else run_progress)(layout, args, work, pg, result)
             except Exception as exc:  # the next layouts still run; the JSON tells what broke
                 failed += 1
                 log(f"{layout}: FAILED: {exc!r}")
@@ -521,6 +643,16 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, str(POSTGRES), "stop", pg["dir"]], timeout=60, check=False)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)], check=False)
+    if args.figure == "progress":
+        print(f"{'layout':8} {'storm s':>8} {'push s':>8} {'reports':>8} {'stored':>8} {'reports/s':>9}")
+        for r in out["results"]:
+            if "progress" not in r:
+                print(f"{r['layout']:8} failed: {r.get('error')}")
+                continue
+            pr = r["progress"]
+            row = f"{r['layout']:8} {r['storm']['seconds']:8.1f} {r['push']['seconds']:8.1f} {pr['ok']:8}"
+            print(f"{row} {pr['eventsStored']:8} {pr['perSecond'] or 0:9.0f}")
+        return 1 if failed else 0
     print(f"{'layout':8} {'storm s':>8} {'fan-out s':>9} {'rollout s':>9} {'reports/s':>9}  node RSS MiB (peak)")
     for r in out["results"]:
         if "error" in r:
