@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -274,8 +275,9 @@ def log_rates(lines: list[str]) -> dict[str, Any]:
 class Meter:
     """CPU seconds of every party (nodes, PostgreSQL, simulators, the rest of the machine) over one phase."""
 
-    def __init__(self, nodes: list[Node], sims: list[Proc], pg_pid: int | None) -> None:
-        self.nodes, self.sims, self.pg_pid = nodes, sims, pg_pid
+    def __init__(self, nodes: list[Node], sims: list[Proc], pg_pid: int | None, clients: Sequence[int] = ()) -> None:
+        """`clients`: pids of load generators that are not `sims` (bench.stormclient), counted with them."""
+        self.nodes, self.sims, self.pg_pid, self.clients = nodes, sims, pg_pid, clients
         self.t0 = time.monotonic()
         self.start = self._read()
         self.procs = all_cpu()
@@ -283,7 +285,7 @@ class Meter:
     def _read(self) -> dict[str, float]:
         out = {n.name: n.proc.cpu_seconds() for n in self.nodes}
         out["postgres"] = tree_cpu(self.pg_pid) if self.pg_pid else 0.0
-        out["simulators"] = sum(s.cpu_seconds() for s in self.sims)
+        out["simulators"] = sum(s.cpu_seconds() for s in self.sims) + sum(tree_cpu(pid) for pid in self.clients)
         out["machineBusy"], out["machineTotal"] = machine_cpu()
         return out
 
@@ -295,8 +297,8 @@ class Meter:
         out: dict[str, Any] = {k: round(v, 1) for k, v in d.items() if k not in ("machineBusy", "machineTotal")}
         out["others"] = round(max(0.0, d["machineBusy"] - ours), 1)  # processes outside this run
         ours_pids = {os.getpid(), *pid_tree(self.pg_pid or os.getpid())}
-        for proc in [n.proc for n in self.nodes] + self.sims:
-            ours_pids.update(pid_tree(proc.pid))
+        for pid in [n.proc.pid for n in self.nodes] + [s.pid for s in self.sims] + list(self.clients):
+            ours_pids.update(pid_tree(pid))
         now = all_cpu()
         used = [(cpu - self.procs.get(pid, ("", 0.0))[1], f"{name}[{pid}]") for pid, (name, cpu) in now.items()]
         busiest = sorted((u for u, pid in zip(used, now, strict=True) if pid not in ours_pids), reverse=True)
@@ -533,23 +535,24 @@ async def _progress_phases(
         "timeout": args.max_seconds,
     }
     procs = await StormProcesses.start(args.sims, [(k, secret, None, None) for k, secret, _ in devices], spec)
+    clients = [p.pid for p in procs.procs]
     try:
-        meter = Meter(nodes, [], pg_pid)
+        meter = Meter(nodes, [], pg_pid, clients)
         storm = await procs.storm(args.max_seconds)
         result["storm"] = {**storm, "cpuSeconds": meter.stop()}
         log(f"storm: {storm['connected']} connected in {storm['seconds']:.1f} s")
         inform = await procs.inform("1.0.0", args.max_seconds)
         result["inform"] = inform
         log(f"informs: {inform['ok']} answered in {inform['seconds']:.1f} s")
-        meter = Meter(nodes, [], pg_pid)
+        meter = Meter(nodes, [], pg_pid, clients)
         job = api.post("/jobs", {"firmwareId": fw["id"], "name": "bench", "scope": {"versionNumbers": ["1.0.0"]}})
         push = await procs.pushes(args.max_seconds)
         result["push"] = {**push, "jobTotal": job["total"], "cpuSeconds": meter.stop()}
         log(f"push: {push['notified']} of {push['of']} notified in {push['seconds']:.1f} s")
         if url:
             await asyncio.sleep(11)  # idle backends flush their statistics within 10 s (PGSTAT_IDLE_INTERVAL)
-            db0 = pg_stats(url)
-        meter = Meter(nodes, [], pg_pid)
+            db0 = await asyncio.to_thread(pg_stats, url)  # it runs a loop of its own
+        meter = Meter(nodes, [], pg_pid, clients)
         wall0 = time.time()
         progress = await procs.progress(args.progress_reports, args.max_seconds)
         cpu = meter.stop()
@@ -558,7 +561,7 @@ async def _progress_phases(
         result["progress"] = {**progress, "eventsStored": stored, "cpuSeconds": cpu}
         if url:
             await asyncio.sleep(11)
-            db1 = pg_stats(url)
+            db1 = await asyncio.to_thread(pg_stats, url)
             delta = {k: db1[k] - db0[k] for k in db0 if k != "bytes"}
             result["database"] = {
                 "during progress": delta,
