@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from otabox import protocol
+from otabox.server.jobs import engine
 from tests.conftest import Device, Server, wait_for
 
 # The store behind these tests runs on SQLite and on PostgreSQL (tests/postgres.py).
@@ -165,6 +166,22 @@ async def test_concurrency_cap_and_progress_never_backwards(server: Server, fw: 
         await asyncio.sleep(0.05)
     assert seen_max == 2
     await status_is(server, j["id"], "completed")
+    for d in devs.values():
+        await d.close()
+
+
+@pytest.mark.parametrize("server_settings", [{"scheduler_interval": 60}])
+async def test_a_fan_out_larger_than_a_batch_goes_on_without_waiting_for_ticks(
+    server: Server, fw: dict[str, Any], monkeypatch: Any
+) -> None:
+    """A job without limits pushes batch after batch at once, not one batch per scheduler tick."""
+    monkeypatch.setattr(engine, "PUSH_BATCH", 2)
+    devs = await fleet(server, dict.fromkeys([f"d{i}" for i in range(7)], "1.0"))
+    for d in devs.values():
+        await d.connect("1.0")
+    await job(server, fw)
+    for d in devs.values():
+        await d.push(timeout=10)  # four batches; the next tick is a minute away
     for d in devs.values():
         await d.close()
 

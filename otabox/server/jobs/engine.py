@@ -274,7 +274,8 @@ class JobEngine:
             budget = rollout.push_budget(job.spec.max_concurrency, in_flight, bucket.available())
             if budget <= 0:
                 return
-            tasks = await self.store.pushable_tasks(job.id, wave, min(budget, PUSH_BATCH))
+            batch = min(budget, PUSH_BATCH)
+            tasks = await self.store.pushable_tasks(job.id, wave, batch)
             fw = await self.firmware(job.firmware_id)
             # One transaction for the whole batch; only tasks still pending are published.
             published = await self.store.publish_tasks(
@@ -284,8 +285,11 @@ class JobEngine:
             versions = {t.device_key: t.from_version for t in tasks}
             for dk in published:
                 self.send_upgrade(job, fw, dk, await self.delta_for(job, fw, versions.get(dk)))
-        if len(tasks) == budget:
-            self.kick()  # more may be pushable right away (rate and concurrency permitting)
+        if len(tasks) == batch:
+            # More may be pushable right away (rate and concurrency permitting). Not only when the
+            # budget is used up: a job without limits pushed one batch per tick (50,000 devices:
+            # 69 s, the machine 70 % idle).
+            self.kick()
 
     async def resend_published(self) -> int:
         """A new leader sends again the pushes of tasks still published (not yet confirmed): the
