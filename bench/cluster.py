@@ -1,7 +1,7 @@
 """`python -m bench.cluster`: one node on SQLite vs one on PostgreSQL vs several on PostgreSQL, same run.
 
     python -m bench.cluster [--devices 10000] [--layouts sqlite1,pg1,pg3] [--image-kb 1024]
-                            [--sims K] [--json PATH] [--keep]
+                            [--sims K] [--figure rollout|progress] [--json PATH] [--keep]
 
 For each layout: a fresh data dir per node (and, on PostgreSQL, a fresh database on one
 `scripts/postgres` server), the nodes as `python -m otabox serve` child processes on 127.0.0.1,
@@ -16,6 +16,11 @@ simulators i, i+nodes, ...). Measured, per layout:
   `--image-kb` from a node, reports progress, reboots and reports the new version);
 - events/s: upgrade-log rows written during the rollout per second (state and progress rows);
 - RSS of each node at the end, and the database's size.
+
+`--figure progress` replaces the simulators and the rollout by the progress figure of
+`python -m bench` (see `run_progress`): K `bench.stormclient` processes connect the devices,
+one push job goes to all of them, and each sends `--progress-reports` reports, each after the
+previous reply; the storm, the push fan-out and the reports stored per second are measured.
 
 What limits the figures: everything shares this machine's cores, PostgreSQL and the simulators
 included (their CPU is printed beside each figure); one node's devices are capped by its open
