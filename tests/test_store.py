@@ -193,6 +193,32 @@ async def test_firmware_and_downloads(store: Store) -> None:
     assert await store.delete_firmware("f1")
 
 
+async def test_publishing_a_batch_moves_only_its_pending_tasks(store: Store) -> None:
+    """One statement for the batch: tasks already published, unknown devices and repeated keys
+    are left out of what it returns and of the log; the order of the keys given is kept."""
+    await fleet(store, [f"d{i}" for i in range(5)])
+    fw = await store.create_firmware(firmware("f1", "2.0"))
+    await store.create_job(job("j1", fw), [(f"d{i}", "1.0", 0) for i in range(5)])
+    assert await store.publish_tasks("j1", "pk1", ["d1"], 1.0, 2.0) == ["d1"]
+    moved = await store.publish_tasks("j1", "pk1", ["d3", "d1", "nobody", "d0", "d3"], 1.0, 2.0)
+    assert moved == ["d3", "d0"]
+    assert await store.publish_tasks("j1", "pk1", ["d1", "d0"], 1.0, 2.0) == []
+    assert await store.job_counts("j1") == {TaskState.PUBLISHED: 3, TaskState.PENDING: 2}
+    published = [e.device_key async for e in store.iter_events(job_id="j1") if e.status == TaskState.PUBLISHED]
+    assert sorted(published) == ["d0", "d1", "d3"]
+    task = await store.active_task("pk1", "d3")
+    assert task is not None and (task.published_at, task.due_at) == (1.0, 2.0)
+    # Every size up to a full batch (the key lists are padded to a power of two).
+    await fleet(store, [f"e{i}" for i in range(1000)])
+    await store.create_job(job("j2", fw), [(f"e{i}", "1.0", 0) for i in range(1000)])
+    keys = [f"e{i}" for i in range(1000)]
+    start = 0
+    for n in (1, 2, 3, 5, 64, 65, 860):
+        assert await store.publish_tasks("j2", "pk1", keys[start : start + n], 1.0, 2.0) == keys[start : start + n]
+        start += n
+    assert start == 1000 and await store.job_counts("j2") == {TaskState.PUBLISHED: 1000}
+
+
 async def test_a_job_and_its_tasks(store: Store) -> None:
     await fleet(store, [f"d{i}" for i in range(6)])
     fw = await store.create_firmware(firmware("f1", "2.0"))

@@ -281,22 +281,42 @@ class TaskSQL(StoreBase):
         return await self.batched(op)
 
     async def publish_tasks(self, job_id: str, pk: str, device_keys: list[str], now: float, due: float) -> list[str]:
-        """Move pending tasks to published in one transaction (with their events); the keys moved."""
+        """Move pending tasks to published in one transaction (with their events); the keys moved.
+
+        Three statements for the whole batch, not two per device: on PostgreSQL each statement
+        is a round trip and an executor start, and a 50,000-device fan-out is the leader's
+        group commit running these (~370 µs of PostgreSQL per device, one statement each).
+        The rows moved are told apart by the op's own `updated_at`."""
+        keys = list(dict.fromkeys(device_keys))
+        if not keys:
+            return []
+        # The list padded (with its last key) to a power of two: a few statement texts for
+        # PostgreSQL's prepared-statement cache, not one per batch size.
+        size = 1 << (len(keys) - 1).bit_length()
+        padded = keys + keys[-1:] * (size - len(keys))
+        marks = ",".join("?" * size)
+
+        def these(t: str = "") -> str:  # the batch's tasks (`t`: the alias, with its dot)
+            return f"{t}job_id = ? AND {t}product_key = ? AND {t}device_key IN ({marks})"
+
         update = (
             f"UPDATE tasks SET status = '{TaskState.PUBLISHED}', published_at = ?, due_at = ?, progress = NULL,"
-            " step = NULL, desc = NULL, updated_at = ?"
-            f" WHERE job_id = ? AND product_key = ? AND device_key = ? AND status = '{TaskState.PENDING}'"
+            f" step = NULL, desc = NULL, updated_at = ? WHERE {these()} AND status = '{TaskState.PENDING}'"
         )
-        event = TASK_EVENT + " WHERE t.job_id = ? AND t.product_key = ? AND t.device_key = ?"
+        event = TASK_EVENT + f" WHERE {these('t.')} AND t.updated_at = ?"
 
         async def op(tx: Tx) -> list[str]:
-            moved = []
             ts = log_time()
-            for dk in device_keys:
-                if await tx.execute(update, (now, due, ts, job_id, pk, dk)):
-                    await tx.execute(event, (ts, EventKind.STATE, job_id, pk, dk))
-                    moved.append(dk)
-            return moved
+            moved = await tx.execute(update, (now, due, ts, job_id, pk, *padded))
+            if not moved:
+                return []
+            await tx.execute(event, (ts, EventKind.STATE, job_id, pk, *padded, ts))
+            if moved == len(keys):
+                return keys
+            mine = f"SELECT device_key FROM tasks WHERE {these()} AND updated_at = ?"
+            found = await tx.fetch(mine, (job_id, pk, *padded, ts))
+            published = {r["device_key"] for r in found}
+            return [k for k in keys if k in published]
 
         return await self.batched(op)
 
