@@ -292,6 +292,45 @@ async def test_a_takeover_does_not_wait_for_the_old_connections_offline_write(
     second.close()
 
 
+async def test_a_takeover_closes_the_old_socket_before_its_last_message_is_handled(server: Server) -> None:
+    """The old connection's last message waits for a slow commit when the device reconnects:
+    its socket is closed at once (before, it stayed open until that commit, and a reboot wave
+    held two descriptors per device), and the message is still stored."""
+    await server.product("pk1")
+    dev = await server.device("d1")
+    creds = credentials("pk1", "d1", dev["deviceSecret"])
+    login = _connect(creds["identifier"], creds["username"], creds["password"])
+    old_reader, first = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+    first.write(login)
+    assert (await old_reader.readexactly(4))[3] == 0
+    await wait_for(lambda: _online_d1(server))
+    backend = server.store.backend
+    run_batch = backend.run_batch
+
+    async def slow(ops: list[Any]) -> list[tuple[bool, Any]]:
+        await asyncio.sleep(4)
+        return await run_batch(ops)
+
+    backend.run_batch = slow  # type: ignore[method-assign]
+    try:
+        first.write(_publish(protocol.topic_for("pk1", "d1", protocol.INFORM), b'{"id":"1","params":{"version":"7"}}'))
+        await asyncio.sleep(0.3)  # being handled: waiting for its commit
+        _, second = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+        second.write(login)
+        async with asyncio.timeout(2):
+            assert await old_reader.read() == b""  # closed by the server, the commit still 3 s away
+    finally:
+        backend.run_batch = run_batch  # type: ignore[method-assign]
+
+    async def stored() -> bool:
+        return bool((await server.call("GET", "/products/pk1/devices/d1", 200))["version"] == "7")
+
+    assert await wait_for(stored)
+    assert await _online_d1(server)
+    first.close()
+    second.close()
+
+
 async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(server: Server) -> None:
     reader, writer = await _logged_in_raw(server, keepalive=1)
     await wait_for(lambda: _online_d1(server))

@@ -420,6 +420,12 @@ class OtaBroker(Broker):
         served = self._served.get(key)
         await entry[1].handle_connection_closed()
         if served is not None:
+            # Its socket goes now, not when its last message has been handled: that message may
+            # wait seconds for its commit, and a reboot wave held two descriptors per device
+            # meanwhile (the leader of a 50,000-device rollout ran out). Nothing more is written
+            # to it: the connection is closed for the handler already.
+            if served.writer is not None:
+                release_socket(served.writer)
             try:
                 async with asyncio.timeout(5):  # not wait_for: see JobEngine._run
                     await asyncio.shield(served.ended())
