@@ -353,11 +353,8 @@ def run_layout(
     nodes: list[Node] = []
     sims: list[Proc] = []
     try:
-        start_nodes(nodes, folder, url, count, args)
+        devices = start_fleet(nodes, folder, url, count, args)
         api = nodes[0].client
-        api.post("/products", {"productKey": PK, "name": "bench fleet"})
-        log(f"{layout}: creating {args.devices} devices")
-        devices = create_devices(api, PK, args.devices, "d-", "1.0.0")
         parts = [devices[i :: args.sims] for i in range(args.sims)]
         time.sleep(3)  # the import's garbage settled
         rss0 = {n.name: n.proc.rss() for n in nodes}
@@ -480,11 +477,17 @@ def layout_database(
     return folder, url, pg_pid
 
 
-def start_nodes(nodes: list[Node], folder: Path, url: str | None, count: int, args: argparse.Namespace) -> None:
-    """Start `count` nodes into `nodes` (the caller stops them, also those started before a failure)."""
+def start_fleet(
+    nodes: list[Node], folder: Path, url: str | None, count: int, args: argparse.Namespace
+) -> list[tuple[str, str, str]]:
+    """Start `count` nodes into `nodes` (the caller stops them, also those started before a
+    failure), then create the product and its `--devices` devices: (key, secret, version)."""
     for i in range(count):
         nodes.append(Node(folder, f"node{i + 1}", url, args.node_timeout))
         wait(f"node{i + 1} ready", nodes[-1].ready, 60)  # one at a time: the first makes the schema
+    nodes[0].client.post("/products", {"productKey": PK, "name": "bench fleet"})
+    log(f"{folder.name}: creating {args.devices} devices")
+    return create_devices(nodes[0].client, PK, args.devices, "d-", "1.0.0")
 
 
 def run_progress(
@@ -503,11 +506,8 @@ def run_progress(
     folder, url, pg_pid = layout_database(layout, work, pg, args, result)
     nodes: list[Node] = []
     try:
-        start_nodes(nodes, folder, url, count, args)
+        devices = start_fleet(nodes, folder, url, count, args)
         api = nodes[0].client
-        api.post("/products", {"productKey": PK, "name": "bench fleet"})
-        log(f"{layout}: creating {args.devices} devices")
-        devices = create_devices(api, PK, args.devices, "d-", "1.0.0")
         image = folder / "fw.bin"
         image.write_bytes(os.urandom(args.image_kb * 1024))
         fw = api.upload_firmware(PK, image, {"name": "bench", "version": "2.0.0"})
