@@ -44,18 +44,17 @@ class DeviceReports:
             if live:
                 await self.join_incremental(product_key, device_key)
             return
+        if task.from_version is None and version != task.to_version:
+            # Its source version (`rollout.inform_outcome`); a pending task's push picks its delta by it.
+            await self.store.learn_source_version(product_key, device_key, version)
         if task.status == TaskState.PENDING:
             if version == task.to_version:
                 await self.engine.finish(
                     task, TaskState.SUCCEEDED, desc=f"already running {version}", expect=(TaskState.PENDING,)
                 )
-            elif task.from_version is None:
-                await self.store.learn_source_version(product_key, device_key, version)  # its push's delta
             return
         outcome = rollout.inform_outcome(version, task.from_version, task.to_version)
         if outcome is None:
-            if task.from_version is None:
-                await self.store.learn_source_version(product_key, device_key, version)
             return
         status, desc = outcome
         if status == TaskState.SUCCEEDED:

@@ -188,14 +188,11 @@ class TaskSQL(StoreBase):
         )
         return rows.task(row) if row else None
 
-    async def learn_source_version(self, pk: str, dk: str, version: str) -> bool:
+    async def learn_source_version(self, pk: str, dk: str, version: str) -> None:
         """The device's active task takes `version` as its source version if it had none
-        (see `rollout.inform_outcome`); True when it did. Not an event of its own: the task's
-        next event carries it."""
-        return bool(
-            await self._write(
-                f"UPDATE tasks SET from_version = ? WHERE {_DEVICE_ACTIVE} AND from_version IS NULL", (version, pk, dk)
-            )
+        (see `rollout.inform_outcome`). Not an event of its own: the task's next event carries it."""
+        await self._write(
+            f"UPDATE tasks SET from_version = ? WHERE {_DEVICE_ACTIVE} AND from_version IS NULL", (version, pk, dk)
         )
 
     async def pending_in_waves(self, job_id: str, max_wave: int) -> int:
