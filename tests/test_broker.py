@@ -306,15 +306,18 @@ async def test_a_takeover_closes_the_old_socket_before_its_last_message_is_handl
     await wait_for(lambda: _online_d1(server))
     backend = server.store.backend
     run_batch = backend.run_batch
+    committing = asyncio.Event()
 
     async def slow(ops: list[Any]) -> list[tuple[bool, Any]]:
+        committing.set()
         await asyncio.sleep(4)
         return await run_batch(ops)
 
     backend.run_batch = slow  # type: ignore[method-assign]
     try:
         first.write(_publish(protocol.topic_for("pk1", "d1", protocol.INFORM), b'{"id":"1","params":{"version":"7"}}'))
-        await asyncio.sleep(0.3)  # being handled: waiting for its commit
+        async with asyncio.timeout(5):
+            await committing.wait()  # being handled: its write waits for the slow commit
         _, second = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
         second.write(login)
         async with asyncio.timeout(2):
